@@ -1,0 +1,81 @@
+"""Stage-cache behaviour: what rebuilds, why, and what is never treated as complete."""
+
+import pytest
+from conftest import manifest, run_notebook, stage_dir, write_corpus
+from papermill.exceptions import PapermillExecutionError
+
+
+def statuses(result) -> dict:
+    return {stage: status.split(" ")[0] for stage, (status, _) in result["stages"].items()}
+
+
+def test_config_change_rebuilds_that_stage_and_downstream_only(warm_copy):
+    result = run_notebook(warm_copy, "vocab", OVERRIDES={"VOCAB_SIZE": 350})
+    assert statuses(result) == {"clean_corpus": "cached", "tokenizer": "built", "dataset": "built"}
+    assert "config VOCAB_SIZE: 400 -> 350" in result["stages"]["tokenizer"][1]
+    assert "upstream output of tokenizer changed" in result["stages"]["dataset"][1]
+
+    result = run_notebook(warm_copy, "val", OVERRIDES={"VAL_FRACTION": 0.1})
+    assert statuses(result) == {"clean_corpus": "cached", "tokenizer": "cached", "dataset": "built"}
+    assert "config VAL_FRACTION: 0.05 -> 0.1" in result["stages"]["dataset"][1]
+
+
+def test_editing_a_corpus_file_changes_the_key(warm_copy):
+    before = manifest(warm_copy / "cache", "clean_corpus")["key"]
+    corpus_file = warm_copy / "data" / "corpus" / "more" / "author_c.txt"
+    corpus_file.write_text(corpus_file.read_text(encoding="utf-8") + "\nНовый абзац в конце файла.\n",
+                           encoding="utf-8")
+    result = run_notebook(warm_copy, "edited")
+    status, why = result["stages"]["clean_corpus"]
+    assert status.startswith("built") and "input files more/author_c.txt changed" in why
+    keys = {p.parent.name for p in (warm_copy / "cache" / "clean_corpus").glob("*/manifest.json")}
+    assert before in keys and len(keys) == 2, "the edit did not produce a new key"
+    assert statuses(result)["dataset"] == "built"
+
+
+def test_force_rebuilds_exactly_one_stage(warm_copy):
+    old = manifest(warm_copy / "cache", "tokenizer")
+    result = run_notebook(warm_copy, "force", FORCE=["tokenizer"])
+    assert statuses(result) == {"clean_corpus": "cached", "tokenizer": "built", "dataset": "cached"}
+    assert "forced by FORCE" in result["stages"]["tokenizer"][1]
+    new = manifest(warm_copy / "cache", "tokenizer")
+    assert new["created_at"] != old["created_at"]
+    assert new["output_digest"] == old["output_digest"], "tokenizer training is not deterministic"
+
+
+def test_tmp_dirs_and_missing_manifests_are_never_loaded(warm_copy):
+    cache = warm_copy / "cache"
+    dataset_dir = stage_dir(cache, "dataset")
+    (dataset_dir / "manifest.json").unlink()  # as if the kernel died right before the manifest
+    stale = cache / "tokenizer" / f"{stage_dir(cache, 'tokenizer').name}.tmp-deadbeef"
+    stale.mkdir()
+    (stale / "tokenizer.json").write_text("{half written")
+    result = run_notebook(warm_copy, "sabotaged")
+    assert not stale.exists(), "stale .tmp dir was not removed"
+    assert statuses(result) == {"clean_corpus": "cached", "tokenizer": "cached", "dataset": "built"}
+    assert "incomplete" in result["stages"]["dataset"][1]
+    assert (dataset_dir / "manifest.json").exists()
+
+
+def test_truncated_output_file_is_not_complete(warm_copy):
+    folder = stage_dir(warm_copy / "cache", "clean_corpus")
+    (folder / "paragraphs.parquet").write_bytes(b"truncated")
+    result = run_notebook(warm_copy, "truncated")
+    assert statuses(result)["clean_corpus"] == "built"
+
+
+def test_empty_corpus_dir_gives_a_clear_error(tmp_path):
+    (tmp_path / "data" / "corpus").mkdir(parents=True)
+    with pytest.raises(PapermillExecutionError) as err:
+        run_notebook(tmp_path, "empty")
+    assert "FileNotFoundError" in err.value.ename
+    assert f"No *.txt files under {tmp_path / 'data' / 'corpus'}" in err.value.evalue
+
+
+def test_non_utf8_file_gives_an_error_naming_it(tmp_path):
+    corpus = write_corpus(tmp_path / "data" / "corpus")
+    (corpus / "cp1251.txt").write_bytes("Привет, мир".encode("cp1251"))
+    with pytest.raises(PapermillExecutionError) as err:
+        run_notebook(tmp_path, "cp1251")
+    assert f"{corpus / 'cp1251.txt'}: not valid UTF-8" in err.value.evalue
+    assert not list((tmp_path / "cache").glob("*/*/manifest.json")), "something was marked complete"

@@ -1,0 +1,118 @@
+"""The three data stages (clean corpus -> tokenizer -> packed dataset) on the fixture corpus."""
+
+import json
+import re
+
+import datasets
+import numpy as np
+import pyarrow.parquet as pq
+import transformers
+from conftest import (
+    DUPLICATE,
+    LATIN_LINE,
+    MIXED_LINE,
+    PRE_REFORM,
+    PUNCTUATION_CLEAN,
+    WRAPPED_SENTENCE,
+    stage_dir,
+)
+
+SMOKE_CONTEXT = 128
+
+
+def test_cold_run_builds_every_stage(cold_run):
+    _, result = cold_run
+    for stage in ("clean_corpus", "tokenizer", "dataset"):
+        status, why = result["stages"][stage]
+        assert status.startswith("built"), (stage, status)
+        assert "no previous build" in why
+
+
+def test_clean_corpus_content(cold_run):
+    workdir, _ = cold_run
+    folder = stage_dir(workdir / "cache", "clean_corpus")
+    table = pq.read_table(folder / "paragraphs.parquet").to_pandas()
+    files = pq.read_table(folder / "files.parquet").to_pandas().set_index("file")
+    texts = list(table.text)
+
+    assert texts.count(DUPLICATE) == 1, "duplicate paragraph kept twice"
+    assert len(texts) == len(set(t for t in texts if len(t) >= 40)) + sum(len(t) < 40 for t in texts)
+    assert files.loc["author_a_copy.txt", "paragraphs_kept"] == 0, "byte-identical file not removed"
+    assert texts.count("— Нет.") == 3, "legitimate repeated dialogue was deduplicated"
+    assert LATIN_LINE not in texts and MIXED_LINE not in texts
+    assert not any(re.search(r"[A-Za-z]", t) for t in texts), "Latin letters survived"
+    assert PRE_REFORM in texts, "pre-reform Cyrillic letters were treated as foreign"
+    assert PUNCTUATION_CLEAN in texts
+    assert not any(re.search(r"!!|\?\?|\.\.|,,|\?!\?", t) for t in texts)
+    assert WRAPPED_SENTENCE in texts, "hard-wrapped paragraph not re-joined"
+    assert not any(ch in t for t in texts for ch in "\r\n\ufeff"), "CR, LF or BOM inside a paragraph"
+    assert "* * *" not in texts and "12" not in texts  # no Cyrillic letters
+    assert files.index.tolist() == sorted(files.index), "files not read in sorted order"
+    assert "more/author_c.txt" in files.index, "nested folders not read"
+    stats = json.loads((folder / "stats.json").read_text())
+    assert stats["dropped: duplicate"] >= 60 and stats["dropped: non-Cyrillic letters"] >= 2
+
+
+def test_tokenizer_round_trips_and_special_tokens(cold_run):
+    workdir, result = cold_run
+    folder = stage_dir(workdir / "cache", "tokenizer")
+    tok = transformers.AutoTokenizer.from_pretrained(folder / "hf")
+    texts = pq.read_table(stage_dir(workdir / "cache", "clean_corpus") / "paragraphs.parquet")
+    texts = texts.column("text").to_pylist() + ["  двойной  пробел\nи ѣ «ё» — …", " ведущий"]
+    ids = tok(texts, verbose=False)["input_ids"]
+    assert tok.batch_decode(ids, skip_special_tokens=True) == texts
+    assert [tok.convert_tokens_to_ids(t) for t in ("<unk>", "<pad>", "<bos>", "<eos>")] == [0, 1, 2, 3]
+    assert all(seq[0] == tok.bos_token_id for seq in ids)
+    assert not any(tok.unk_token_id in seq for seq in ids)
+    assert tok.model_max_length == SMOKE_CONTEXT
+    assert 300 <= len(tok) <= 400
+    assert re.search(r"exact round trip: (\d+)/\1 paragraphs, 9/9 tricky strings", result["text"])
+
+
+def test_packed_dataset_blocks_labels_and_split(cold_run):
+    workdir, _ = cold_run
+    folder = stage_dir(workdir / "cache", "dataset")
+    packed = datasets.load_from_disk(str(folder / "dataset"))
+    assert set(packed) == {"train", "validation"}
+    for split in packed.values():
+        ids = np.array(split["input_ids"])
+        mask, labels = np.array(split["attention_mask"]), np.array(split["labels"])
+        assert ids.shape[1] == SMOKE_CONTEXT and len(ids) > 0
+        assert (labels[mask == 1] == ids[mask == 1]).all() and (labels[mask == 0] == -100).all()
+        assert (ids[mask == 0] == 1).all(), "padding is not <pad>"
+        assert (mask[:-1] == 1).all(), "only the last block may be padded"
+        assert (ids == 0).sum() == 0, "<unk> in packed data"
+        stream = ids[mask == 1]
+        assert stream[0] == 2, "a split must start with <bos>"
+        after_eos = stream[1:][stream[:-1] == 3]
+        assert len(after_eos) > 0 and (after_eos == 2).all(), "a unit after <eos> must start with <bos>"
+        assert stream[-1] == 3, "the last unit must end with <eos>"
+
+    splits = pq.read_table(folder / "split_paragraphs.parquet").to_pandas()
+    corpus = pq.read_table(stage_dir(workdir / "cache", "clean_corpus") / "paragraphs.parquet")
+    corpus = corpus.to_pandas().merge(splits, on=["file_id", "para_id"])
+    by_split = corpus.groupby("split")
+    assert set(by_split.groups) == {"train", "validation"}
+    assert not set(by_split.get_group("train").text) & set(by_split.get_group("validation").text)
+    assert corpus.groupby(["file_id", "para_id"]).split.nunique().max() == 1
+    per_file = corpus.groupby("file_id").split.unique()
+    assert all("train" in s and "validation" in s for s in per_file), "a file missing from a split"
+    val_share = (corpus.split == "validation").mean()
+    assert 0.03 < val_share < 0.35
+
+
+def test_warm_run_skips_all_and_reproduces_outputs(cold_run, warm_copy):
+    from conftest import run_notebook
+
+    cold_dir, cold = cold_run
+    warm = run_notebook(warm_copy, "warm")
+    assert {s: v[0] for s, v in warm["stages"].items()} == {
+        "clean_corpus": "cached", "tokenizer": "cached", "dataset": "cached"
+    }
+    assert warm["stage_seconds"] < 0.5 * cold["stage_seconds"], (warm["stage_seconds"], cold["stage_seconds"])
+    stage_lines = re.compile(r"^\[\w+\] (cached|built).*$", re.M)
+
+    def comparable(cells, workdir):
+        return [stage_lines.sub("", text).replace(str(workdir), "<workdir>") for text in cells]
+
+    assert comparable(warm["cells"], warm_copy) == comparable(cold["cells"], cold_dir)
