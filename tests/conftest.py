@@ -79,6 +79,94 @@ def write_corpus(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+SFT_PAIRS = [
+    ("Назови столицу страны.", "Страна: Франция", "Столица Франции — Париж."),
+    ("Назови столицу страны.", "Страна: Италия", "Столица Италии — Рим."),
+    ("Назови столицу страны.", "Страна: Япония", "Столица Японии — Токио."),
+    ("Сколько будет два плюс два?", None, "Два плюс два — четыре."),
+    ("Сколько будет три плюс три?", "", "Три плюс три — шесть."),
+    ("Переведи слово на английский.", "Слово: кошка", "Кошка по-английски — cat."),
+    ("Переведи слово на английский.", "Слово: собака", "Собака по-английски — dog."),
+    ("Какого цвета небо?", None, "Днем ясное небо голубое."),
+    ("Какого цвета трава?", None, "Летом трава зеленая."),
+    ("Когда выпадает снег?", "", "Снег обычно выпадает зимой."),
+    ("Назови время года.", "Месяц: июль", "Июль — это лето."),
+    ("Назови время года.", "Месяц: январь", "Январь — это зима."),
+]
+BAD_SFT_ROWS = [
+    {"instruction": "Строка без ответа.", "input": None, "output": None},
+    {"instruction": "   ", "input": None, "output": "Пустая инструкция."},
+    {"instruction": "Слишком длинный ответ.", "input": None, "output": " ".join(["слово"] * 200)},
+]
+
+
+def sft_rows() -> list[dict]:
+    rows = [{"instruction": i, "input": x, "output": o} for i, x, o in SFT_PAIRS * 4]
+    return rows + BAD_SFT_ROWS
+
+
+def write_sft_parquet(folder: Path, rows: list[dict] | None = None) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows or sft_rows()), folder / "train.parquet")
+    return folder
+
+
+def build_tiny_qwen(folder: Path) -> Path:
+    """A 2-layer random Qwen2 with a small byte-level BPE that has Qwen2.5's special tokens and its
+    exact chat template (the one TRL ships), eos = pad = <|endoftext|> as in the base model."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from trl.chat_template_utils import qwen2_5_chat_template
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=700,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    texts = [" ".join(filter(None, r.values())) for r in sft_rows()] + ["system user assistant"] * 5
+    tok.train_from_iterator(texts, trainer)
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        clean_up_tokenization_spaces=False,
+        model_max_length=512,
+    )
+    fast.chat_template = qwen2_5_chat_template
+    fast.save_pretrained(folder)
+    config = transformers.Qwen2Config(
+        vocab_size=len(fast),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+    )
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory) -> Path:
+    return build_tiny_qwen(tmp_path_factory.mktemp("tiny-qwen"))
+
+
+TINY_QWEN: list[Path] = []  # set by the cold_run fixture, used as the default SFT_BASE_MODEL
+
+
 def run_notebook(workdir: Path, name: str, **parameters) -> dict:
     """Execute the notebook with the smoke profile; return outputs, stage lines and timings."""
     params = {
@@ -86,6 +174,7 @@ def run_notebook(workdir: Path, name: str, **parameters) -> dict:
         "DATA_DIR": str(workdir / "data"),
         "CACHE_DIR": str(workdir / "cache"),
         "ARTIFACTS_DIR": str(workdir / "artifacts"),
+        "SFT_BASE_MODEL": str(TINY_QWEN[0]) if TINY_QWEN else "Qwen/Qwen2.5-0.5B",
     }
     params.update(parameters)
     out = workdir / f"{name}.ipynb"
@@ -105,8 +194,15 @@ def run_notebook(workdir: Path, name: str, **parameters) -> dict:
             stage_seconds += cell.metadata.get("papermill", {}).get("duration") or 0.0
     text = "\n".join(texts)
     stages = {m.group(1): (m.group(2), m.group(3)) for m in STAGE_LINE.finditer(text)}
-    return {"text": text, "cells": texts, "stages": stages, "seconds": seconds,
-            "stage_seconds": stage_seconds, "nb": nb}
+    return {
+        "text": text,
+        "cells": texts,
+        "sources": [c.source for c in nb.cells],
+        "stages": stages,
+        "seconds": seconds,
+        "stage_seconds": stage_seconds,
+        "nb": nb,
+    }
 
 
 def stage_dir(cache: Path, stage: str) -> Path:
@@ -121,10 +217,12 @@ def manifest(cache: Path, stage: str) -> dict:
 
 
 @pytest.fixture(scope="session")
-def cold_run(tmp_path_factory):
-    """One cold smoke run over a fresh fixture corpus; other tests copy its folder."""
+def cold_run(tmp_path_factory, tiny_qwen):
+    """One cold smoke run over fresh fixtures; other tests copy its folder."""
+    TINY_QWEN[:] = [tiny_qwen]
     workdir = tmp_path_factory.mktemp("cold")
     write_corpus(workdir / "data" / "corpus")
+    write_sft_parquet(workdir / "data" / "alpaca-cleaned-ru")
     result = run_notebook(workdir, "cold")
     return workdir, result
 

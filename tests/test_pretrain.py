@@ -1,0 +1,103 @@
+"""The pretraining stage: end to end, resume after a killed kernel, and exported artifacts."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import transformers
+from conftest import run_notebook, stage_dir
+from nbclient.exceptions import DeadKernelError
+from papermill.exceptions import PapermillExecutionError
+
+PROMPTS = [
+    "Все мысли, которые имеют огромные последствия",
+    "Сила войска зависит от его духа",
+    "Мысль о том, что он принес страдания",
+    "Человек сознает себя свободным",
+    "Что бы ни случилось, я всегда буду",
+    "Любовь мешает смерти",
+    "Нет, жизнь не кончена",
+    "Всякая мысль, даже самая простая",
+    "Война не любезность, а самое гадкое дело",
+    "Чтобы жить честно",
+]
+
+
+def evals(folder):
+    log = json.loads((folder / "log_history.json").read_text())
+    return [(e["step"], e["eval_loss"]) for e in log if "eval_loss" in e]
+
+
+def test_pretrain_learns_and_generates_every_epoch(cold_run):
+    workdir, result = cold_run
+    folder = stage_dir(workdir / "cache", "pretrain")
+    losses = evals(folder)
+    assert losses[0][0] == 0, "the untrained baseline is not logged"
+    assert losses[-1][1] < losses[0][1] - 1.0, losses
+    generations = json.loads((folder / "generations.json").read_text())
+    for epoch in (1, 2):  # the smoke profile trains 2 epochs
+        assert [g["prompt"] for g in generations if g["epoch"] == epoch] == PROMPTS
+    assert all(g["text"].startswith(g["prompt"]) for g in generations)
+    assert not (folder / "checkpoints").exists(), "checkpoints left in the published stage"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["tokens_per_second"] > 0 and metrics["mfu"] is None  # CPU
+    assert "val bpc" in result["text"] and "MFU: n/a (CPU)" in result["text"]
+
+
+def test_exported_model_loads_with_auto_classes_and_reproduces(cold_run):
+    workdir, _ = cold_run
+    artifacts = workdir / "artifacts" / "pretrain"
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "training_args.json",
+        "metrics.json",
+        "generations.json",
+        "loss_curve.png",
+        "generation_config.json",
+    ):
+        assert (artifacts / name).exists(), name
+    transformers.logging.set_verbosity_warning()
+    model = transformers.AutoModelForCausalLM.from_pretrained(artifacts)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(artifacts)
+    assert model.config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    metrics = json.loads((artifacts / "metrics.json").read_text())
+    best_epoch = round(metrics["best"]["epoch"])
+    expected = [
+        g["text"]
+        for g in json.loads((artifacts / "generations.json").read_text())
+        if g["epoch"] == best_epoch
+    ]
+    with torch.no_grad():
+        inputs = tokenizer(PROMPTS[0], return_tensors="pt")
+        text = tokenizer.decode(model.generate(**inputs)[0], skip_special_tokens=True)
+    assert text == expected[0]
+
+
+def test_killed_training_resumes_and_matches_uninterrupted_run(cold_run, tmp_path):
+    workdir, _ = cold_run
+    shutil.copytree(workdir / "data", tmp_path / "data")
+    shutil.copytree(
+        workdir / "cache",
+        tmp_path / "cache",
+        ignore=lambda d, names: ["pretrain"] if d.endswith("cache") else [],
+    )
+    with pytest.raises(
+        (DeadKernelError, PapermillExecutionError)
+    ):  # the kernel dies right after the checkpoint at step 10
+        run_notebook(tmp_path, "killed", STOP_AFTER_STEPS=10)
+    partial = next((tmp_path / "cache" / "pretrain").glob("*.partial"))
+    assert (partial / "checkpoints" / "checkpoint-10").is_dir()
+    assert not list((tmp_path / "cache" / "pretrain").glob("*/manifest.json"))
+
+    resumed = run_notebook(tmp_path, "resumed")
+    status, why = resumed["stages"]["pretrain"]
+    assert status.startswith("built") and "resuming an interrupted build" in why
+    assert "resuming from checkpoint-10" in resumed["text"]
+    folder = stage_dir(tmp_path / "cache", "pretrain")
+    uninterrupted = evals(stage_dir(workdir / "cache", "pretrain"))
+    assert [s for s, _ in evals(folder)] == [s for s, _ in uninterrupted]
+    assert abs(evals(folder)[-1][1] - uninterrupted[-1][1]) < 1e-3

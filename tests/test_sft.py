@@ -1,0 +1,90 @@
+"""The SFT stages on a tiny local Qwen2 (no Hub): data mapping, loss mask, stop token, training."""
+
+import json
+
+import datasets
+import pytest
+import torch
+import transformers
+from conftest import SFT_PAIRS, run_notebook, stage_dir, write_sft_parquet
+from papermill.exceptions import PapermillExecutionError
+
+
+def test_sft_data_maps_roles_and_always_has_a_system_message(cold_run):
+    workdir, _ = cold_run
+    folder = stage_dir(workdir / "cache", "sft_data")
+    data = datasets.load_from_disk(str(folder / "dataset"))
+    rows = list(data["train"]["messages"]) + list(data["eval"]["messages"])
+    assert len(rows) == 4 * len(SFT_PAIRS), "valid rows lost or invalid rows kept"
+    expected = {(i, x or "", o) for i, x, o in SFT_PAIRS}
+    for messages in rows:
+        assert [m["role"] for m in messages] == ["system", "user", "assistant"]
+        triple = (messages[1]["content"], messages[0]["content"], messages[2]["content"])
+        assert triple in expected, triple
+    assert sum(m[0]["content"] == "" for m in rows) == 4 * sum(not x for _, x, _ in SFT_PAIRS)
+    stats = json.loads((folder / "stats.json").read_text())
+    assert stats["dropped: null or blank instruction/output"] == 2
+    assert stats["dropped: longer than 96 tokens"] == 1
+
+
+def test_only_assistant_tokens_and_closing_im_end_are_trained(cold_run, tiny_qwen):
+    workdir, _ = cold_run
+    folder = stage_dir(workdir / "cache", "sft_model")
+    example = json.loads((folder / "label_example.json").read_text())
+    first = datasets.load_from_disk(str(stage_dir(workdir / "cache", "sft_data") / "dataset"))
+    answer = first["train"][0]["messages"][2]["content"]
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_qwen)
+    ids, labels = example["input_ids"], example["labels"]
+    start = labels.index(next(label for label in labels if label != -100))
+    assert all(label == -100 for label in labels[:start]), "a prompt token carries a label"
+    assert all(label == -100 or label == tid for label, tid in zip(labels, ids, strict=True))
+    trained = [t for t, label in zip(ids, labels, strict=True) if label != -100]
+    assert tok.decode(trained) == "\n" + answer + "<|im_end|>\n"
+    assert tok.decode(ids[:start]).endswith("<|im_start|>assistant")
+
+
+def test_sft_model_learns_and_stops_at_im_end(cold_run):
+    workdir, result = cold_run
+    log = json.loads((stage_dir(workdir / "cache", "sft_model") / "log_history.json").read_text())
+    losses = [e["eval_loss"] for e in log if "eval_loss" in e]
+    assert losses[0] > losses[-1] + 1.0, losses
+
+    artifacts = workdir / "artifacts" / "sft"
+    tok = transformers.AutoTokenizer.from_pretrained(artifacts)
+    model = transformers.AutoModelForCausalLM.from_pretrained(artifacts)
+    im_end, endoftext = tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id
+    assert (
+        tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>" and im_end != endoftext
+    )
+    assert model.config.eos_token_id == im_end and model.generation_config.eos_token_id == im_end
+    assert model.generation_config.pad_token_id == endoftext
+    messages = [
+        {"role": "system", "content": ""},
+        {"role": "user", "content": "Какого цвета небо?"},
+    ]
+    inputs = tok.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=40, do_sample=False)
+    assert out[0, -1].item() == im_end, tok.decode(out[0])
+
+    answers = json.loads((artifacts / "answers.json").read_text())
+    assert [a["question"] for a in answers["base"]] == [a["question"] for a in answers["sft"]]
+    assert len(answers["sft"]) == 4 and "after SFT" in result["text"]
+
+
+def test_missing_column_is_a_clear_error(warm_copy):
+    bad = warm_copy / "data" / "alpaca-cleaned-ru"
+    (bad / "train.parquet").unlink()
+    write_sft_parquet(bad, [{"instruction": "Вопрос", "input": None}])
+    with pytest.raises(PapermillExecutionError) as err:
+        run_notebook(warm_copy, "missing-column")
+    assert f"{bad / 'train.parquet'}: missing column 'output'" in err.value.evalue
+
+
+def test_unreachable_hub_model_is_a_clear_error(warm_copy):
+    with pytest.raises(PapermillExecutionError) as err:
+        run_notebook(warm_copy, "offline", SFT_BASE_MODEL="Qwen/Qwen2.5-0.5B")
+    assert "uv run hf download Qwen/Qwen2.5-0.5B" in err.value.evalue
+    assert "RuntimeError" in err.value.ename
