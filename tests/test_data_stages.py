@@ -130,6 +130,9 @@ def test_warm_run_skips_all_and_reproduces_outputs(cold_run, warm_copy):
         "tokenizer": "cached",
         "dataset": "cached",
         "pretrain": "cached",
+        "sft_data": "cached",
+        "base_answers": "cached",
+        "sft_model": "cached",
     }
     assert warm["stage_seconds"] < 0.5 * cold["stage_seconds"], (
         warm["stage_seconds"],
