@@ -1,12 +1,14 @@
 """The SFT stages on a tiny local Qwen2 (no Hub): data mapping, loss mask, stop token, training."""
 
 import json
+import shutil
 
 import datasets
 import pytest
 import torch
 import transformers
 from conftest import SFT_PAIRS, run_notebook, stage_dir, write_sft_parquet
+from nbclient.exceptions import DeadKernelError
 from papermill.exceptions import PapermillExecutionError
 
 
@@ -88,3 +90,22 @@ def test_unreachable_hub_model_is_a_clear_error(warm_copy):
         run_notebook(warm_copy, "offline", SFT_BASE_MODEL="Qwen/Qwen2.5-0.5B")
     assert "uv run hf download Qwen/Qwen2.5-0.5B" in err.value.evalue
     assert "RuntimeError" in err.value.ename
+
+
+def test_killed_sft_resumes_and_matches_uninterrupted_run(cold_run, warm_copy):
+    workdir, _ = cold_run
+    shutil.rmtree(warm_copy / "cache" / "sft_model")  # pretraining stays cached: only SFT trains
+    with pytest.raises((DeadKernelError, PapermillExecutionError)):  # killed after checkpoint 10
+        run_notebook(warm_copy, "sft-killed", STOP_AFTER_STEPS=10)
+    partial = next((warm_copy / "cache" / "sft_model").glob("*.partial"))
+    assert (partial / "checkpoints" / "checkpoint-10").is_dir()
+
+    resumed = run_notebook(warm_copy, "sft-resumed")
+    assert "resuming an interrupted build" in resumed["stages"]["sft_model"][1]
+    assert "resuming from checkpoint-10" in resumed["text"]
+
+    def final_eval(cache):
+        log = json.loads((stage_dir(cache, "sft_model") / "log_history.json").read_text())
+        return [e["eval_loss"] for e in log if "eval_loss" in e][-1]
+
+    assert abs(final_eval(warm_copy / "cache") - final_eval(workdir / "cache")) < 1e-3
