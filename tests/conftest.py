@@ -37,6 +37,51 @@ LATIN_LINE = "This English line must be dropped."
 MIXED_LINE = "Привет, world: смешанный абзац тоже уходит."
 DUPLICATE = "Этот абзац повторяется в двух файлах и должен остаться только один раз в корпусе."
 PUNCTUATION = "Что!!! Неужели??? Ну... Как?!?! Так…. Вот,, и всё"
+# issue #7 repairs: (as written in the source, what the cleaned corpus must hold)
+REPAIRED = [
+    (
+        "Он хотел видeть человeка, но Hаташa сказала: — Ax, он так добр! Taйна осталась c ним.",
+        "Он хотел видеть человека, но Наташа сказала: — Ах, он так добр! Тайна осталась с ним.",
+    ),
+    (
+        "Он спросил: чтó это? Нельзя навóзить поле в ме&#769;сте у реки.",
+        "Он спросил: что это? Нельзя навозить поле в месте у реки.",
+    ),
+    ("ГЛАВА IV", "ГЛАВА 4"),
+    (
+        "VI Говорили, впрочем, мало, и все смотрели в окно.",
+        "Говорили, впрочем, мало, и все смотрели в окно.",
+    ),
+    (
+        "Квартира эта — N 50 на третьем этаже старого дома.",
+        "Квартира эта — № 50 на третьем этаже старого дома.",
+    ),
+    (
+        "Он как#то вышел, чтобы {382} забыться в неизвест?ном месте.",
+        "Он как-то вышел, чтобы забыться в неизвестном месте.",
+    ),
+    (
+        "Он вошел в гостиную и поклонился всем. Mon cher, vous êtes charmant. Потом он сел у окна "
+        "и долго молчал, глядя на пустую улицу.",
+        "Он вошел в гостиную и поклонился всем. Потом он сел у окна и долго молчал, глядя на пустую улицу.",
+    ),
+]
+NEAR_DUPLICATE = (
+    "Этот абзац почти повторяется: Ёлка стояла в углу, и все смотрели на неё.",
+    "этот абзац почти повторяется — елка стояла в углу и все смотрели на нее",
+)
+STANZAS = [
+    [
+        "Мороз и солнце, день чудесный",
+        "Еще ты дремлешь, друг прелестный",
+        "Пора, красавица, проснись",
+    ],
+    ["Вечор, ты помнишь, вьюга злилась", "На мутном небе мгла носилась", "Луна, как бледное пятно"],
+]
+PARTLY_WRAPPED = (
+    "Этот абзац в файле смешанного вида был перенесен по строкам посреди предложения, и "
+    "его куски должны снова стать одной строкой, как и было задумано автором."
+)
 PUNCTUATION_CLEAN = "Что! Неужели? Ну… Как?! Так… Вот, и всё"
 
 
@@ -76,7 +121,34 @@ def write_corpus(folder: Path, seed: int = 0) -> Path:
     nested[10:10] = ["— Нет.", "Он подумал и ушел домой."]
     (folder / "more" / "author_c.txt").write_text("\n".join(nested), encoding="utf-8")
     shutil.copy(folder / "author_a.txt", folder / "author_a_copy.txt")
+    write_special_files(folder, rng)
     return folder
+
+
+def write_special_files(folder: Path, rng: random.Random) -> None:
+    """Issue #7 cases: repairs, a near-duplicate pair, a partly wrapped file, verse, centred verse."""
+    repairs = [paragraph(rng) for _ in range(120)]
+    repairs[3:3] = [source for source, _ in REPAIRED] + [NEAR_DUPLICATE[0]]
+    (folder / "repairs.txt").write_text("\n".join(repairs), encoding="utf-8")
+    # one paragraph per line (long lines), except one paragraph wrapped at ~70 characters
+    mixed = [paragraph(rng) + " " + paragraph(rng) + " " + paragraph(rng) for _ in range(60)]
+    wrapped, line = [], ""
+    for word in PARTLY_WRAPPED.split():
+        if len(line) + len(word) > 70:
+            wrapped.append(line.rstrip())
+            line = ""
+        line += word + " "
+    mixed[30:30] = [*wrapped, line.rstrip(), NEAR_DUPLICATE[1]]
+    (folder / "partly_wrapped.txt").write_text("\n".join(mixed), encoding="utf-8")
+    verse = [paragraph(rng) for _ in range(30)]
+    for number, stanza in enumerate(STANZAS, 1):
+        verse += ["", str(number), "", *stanza, ""]
+    (folder / "verse.txt").write_text("\n".join(verse + [paragraph(rng) for _ in range(30)]))
+    centred = [
+        " " * rng.randint(2, 30) + rng.choice(WORDS).capitalize() + " " + rng.choice(WORDS)
+        for _ in range(60)
+    ]
+    (folder / "centred_verse.txt").write_text("\n".join(centred), encoding="utf-8")
 
 
 SFT_PAIRS = [

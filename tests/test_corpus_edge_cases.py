@@ -1,0 +1,37 @@
+"""Corpora shaped a little differently: they work, or stop with one clear line before publishing."""
+
+import pytest
+from conftest import run_notebook, stage_dir
+from papermill.exceptions import PapermillExecutionError
+
+
+def test_one_sentence_per_line_corpus_keeps_sentences_and_validation(tmp_path):
+    corpus = tmp_path / "data" / "corpus"
+    corpus.mkdir(parents=True)
+    subjects = ["Старик", "Мальчик", "Солдат", "Девушка", "Ямщик", "Граф", "Доктор", "Сосед"]
+    verbs = ["долго смотрел на реку", "медленно шел по дороге", "тихо говорил с другом"]
+    for f in range(3):
+        lines = [
+            f"{subjects[(i + f) % 8]} {verbs[i % 3]} в {i + 2 * f}-й день осени."
+            for i in range(150)
+        ]
+        (corpus / f"lines_{f}.txt").write_text("\n".join(lines), encoding="utf-8")
+    with pytest.raises(PapermillExecutionError):  # stops at the SFT data (none here), not before
+        run_notebook(tmp_path, "lines", OVERRIDES={"EPOCHS": 1, "SFT_DATA_DIR": str(tmp_path)})
+    import pyarrow.parquet as pq
+
+    cache = tmp_path / "cache"
+    texts = pq.read_table(stage_dir(cache, "clean_corpus") / "paragraphs.parquet").column("text")
+    assert len(texts) == 450, "sentences on their own lines were merged into paragraphs"
+    splits = pq.read_table(stage_dir(cache, "dataset") / "split_paragraphs.parquet").to_pandas()
+    assert 0.03 <= (splits.split == "validation").mean() <= 0.08
+
+
+def test_corpus_where_nothing_survives_stops_before_publishing(tmp_path):
+    corpus = tmp_path / "data" / "corpus"
+    corpus.mkdir(parents=True)
+    (corpus / "english.txt").write_text("This is English.\nSo is this line.\n12 345\n", "utf-8")
+    with pytest.raises(PapermillExecutionError) as err:
+        run_notebook(tmp_path, "nothing")
+    assert "Nothing left after cleaning 1 files" in err.value.evalue
+    assert not list((tmp_path / "cache").glob("*/*/manifest.json")), "an empty stage was published"
