@@ -239,7 +239,7 @@ def tiny_qwen(tmp_path_factory) -> Path:
 TINY_QWEN: list[Path] = []  # set by the cold_run fixture, used as the default SFT_BASE_MODEL
 
 
-def run_notebook(workdir: Path, name: str, **parameters) -> dict:
+def run_notebook(workdir: Path, name: str, notebook: Path = NOTEBOOK, **parameters) -> dict:
     """Execute the notebook with the smoke profile; return outputs, stage lines and timings."""
     params = {
         "PROFILE": "smoke",
@@ -252,7 +252,7 @@ def run_notebook(workdir: Path, name: str, **parameters) -> dict:
     out = workdir / f"{name}.ipynb"
     start = time.perf_counter()
     nb = papermill.execute_notebook(
-        str(NOTEBOOK), str(out), parameters=params, progress_bar=False, cwd=str(NOTEBOOK.parent)
+        str(notebook), str(out), parameters=params, progress_bar=False, cwd=str(NOTEBOOK.parent)
     )
     seconds = time.perf_counter() - start
     texts, stage_seconds = [], 0.0
@@ -306,3 +306,19 @@ def warm_copy(cold_run, tmp_path):
     for folder in ("data", "cache"):
         shutil.copytree(workdir / folder, tmp_path / folder)
     return tmp_path
+
+
+TIMING_KEYS = ("runtime", "per_second", "train_loss", "total_flos")
+
+
+def log_history(cache: Path, stage: str) -> list[dict]:
+    """A training stage's log history without its timing entries (those differ run to run)."""
+    log = json.loads((stage_dir(cache, stage) / "log_history.json").read_text())
+    return [{k: v for k, v in e.items() if not any(t in k for t in TIMING_KEYS)} for e in log]
+
+
+def one_line_error(err) -> str:
+    """The error a user sees: exactly one line, no traceback (papermill still fails the run)."""
+    assert err.ename in ("UserError", "CorpusError"), (err.ename, err.evalue)
+    assert len(err.traceback) == 1 and "\n" not in err.traceback[0], err.traceback
+    return err.evalue

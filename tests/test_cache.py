@@ -1,7 +1,7 @@
 """Stage-cache behaviour: what rebuilds, why, and what is never treated as complete."""
 
 import pytest
-from conftest import manifest, run_notebook, stage_dir, write_corpus
+from conftest import manifest, one_line_error, run_notebook, stage_dir, write_corpus
 from papermill.exceptions import PapermillExecutionError
 
 PRETRAIN_SIDE = ("clean_corpus", "tokenizer", "dataset", "pretrain")
@@ -99,8 +99,7 @@ def test_empty_corpus_dir_gives_a_clear_error(tmp_path):
     (tmp_path / "data" / "corpus").mkdir(parents=True)
     with pytest.raises(PapermillExecutionError) as err:
         run_notebook(tmp_path, "empty")
-    assert "FileNotFoundError" in err.value.ename
-    assert f"No *.txt files under {tmp_path / 'data' / 'corpus'}" in err.value.evalue
+    assert f"No *.txt files under {tmp_path / 'data' / 'corpus'}" in one_line_error(err.value)
 
 
 def test_non_utf8_file_gives_an_error_naming_it(tmp_path):
@@ -108,5 +107,15 @@ def test_non_utf8_file_gives_an_error_naming_it(tmp_path):
     (corpus / "cp1251.txt").write_bytes("Привет, мир".encode("cp1251"))
     with pytest.raises(PapermillExecutionError) as err:
         run_notebook(tmp_path, "cp1251")
-    assert f"{corpus / 'cp1251.txt'}: not valid UTF-8" in err.value.evalue
+    assert f"{corpus / 'cp1251.txt'}: not valid UTF-8" in one_line_error(err.value)
     assert not list((tmp_path / "cache").glob("*/*/manifest.json")), "something was marked complete"
+
+
+def test_unwritable_cache_folder_is_a_clear_error(tmp_path):
+    write_corpus(tmp_path / "data" / "corpus")
+    blocker = tmp_path / "read-only"
+    blocker.write_text("a file where the cache folder should be")  # (root ignores chmod)
+    with pytest.raises(PapermillExecutionError) as err:
+        run_notebook(tmp_path, "unwritable", CACHE_DIR=str(blocker / "cache"))
+    message = one_line_error(err.value)
+    assert f"cannot write to {blocker / 'cache'}" in message and "CACHE_DIR" in message

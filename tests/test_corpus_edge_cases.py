@@ -1,7 +1,7 @@
 """Corpora shaped a little differently: they work, or stop with one clear line before publishing."""
 
 import pytest
-from conftest import run_notebook, stage_dir
+from conftest import one_line_error, run_notebook, stage_dir
 from papermill.exceptions import PapermillExecutionError
 
 
@@ -33,5 +33,5 @@ def test_corpus_where_nothing_survives_stops_before_publishing(tmp_path):
     (corpus / "english.txt").write_text("This is English.\nSo is this line.\n12 345\n", "utf-8")
     with pytest.raises(PapermillExecutionError) as err:
         run_notebook(tmp_path, "nothing")
-    assert "Nothing left after cleaning 1 files" in err.value.evalue
+    assert "Nothing left after cleaning 1 files" in one_line_error(err.value)
     assert not list((tmp_path / "cache").glob("*/*/manifest.json")), "an empty stage was published"

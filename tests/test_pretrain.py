@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 import transformers
-from conftest import run_notebook, stage_dir
+from conftest import log_history, run_notebook, stage_dir
 from nbclient.exceptions import DeadKernelError
 from papermill.exceptions import PapermillExecutionError
 
@@ -77,7 +77,13 @@ def test_exported_model_loads_with_auto_classes_and_reproduces(cold_run):
     assert text == expected[0]
 
 
-def test_killed_training_resumes_and_matches_uninterrupted_run(cold_run, tmp_path):
+def steps_per_epoch(cache) -> int:
+    log = json.loads((stage_dir(cache, "pretrain") / "log_history.json").read_text())
+    return next(e["step"] for e in log if "eval_loss" in e and e["epoch"] == 1.0)
+
+
+@pytest.mark.parametrize("where", ["mid-epoch", "epoch end"])
+def test_killed_training_resumes_exactly(cold_run, tmp_path, where):
     workdir, _ = cold_run
     shutil.copytree(workdir / "data", tmp_path / "data")
     shutil.copytree(
@@ -85,19 +91,29 @@ def test_killed_training_resumes_and_matches_uninterrupted_run(cold_run, tmp_pat
         tmp_path / "cache",
         ignore=lambda d, names: ["pretrain"] if d.endswith("cache") else [],
     )
-    with pytest.raises(
-        (DeadKernelError, PapermillExecutionError)
-    ):  # the kernel dies right after the checkpoint at step 10
-        run_notebook(tmp_path, "killed", STOP_AFTER_STEPS=10)
+    # mid-epoch: the checkpoint at step 10; epoch end: the one taken after epoch 1's evaluation
+    stop = 10 if where == "mid-epoch" else steps_per_epoch(workdir / "cache")
+    with pytest.raises((DeadKernelError, PapermillExecutionError)):  # the kernel dies after it
+        run_notebook(tmp_path, "killed", STOP_AFTER_STEPS=stop)
     partial = next((tmp_path / "cache" / "pretrain").glob("*.partial"))
-    assert (partial / "checkpoints" / "checkpoint-10").is_dir()
+    assert (partial / "checkpoints" / f"checkpoint-{stop}").is_dir()
     assert not list((tmp_path / "cache" / "pretrain").glob("*/manifest.json"))
 
     resumed = run_notebook(tmp_path, "resumed")
     status, why = resumed["stages"]["pretrain"]
     assert status.startswith("built") and "resuming an interrupted build" in why
-    assert "resuming from checkpoint-10" in resumed["text"]
-    folder = stage_dir(tmp_path / "cache", "pretrain")
-    uninterrupted = evals(stage_dir(workdir / "cache", "pretrain"))
-    assert [s for s, _ in evals(folder)] == [s for s, _ in uninterrupted]
-    assert abs(evals(folder)[-1][1] - uninterrupted[-1][1]) < 1e-3
+    assert f"resuming from checkpoint-{stop}" in resumed["text"]
+    assert "missing keys" not in resumed["text"], "tied weights reported as missing"
+    # the same log history (every loss, eval and epoch), generations and epoch table
+    assert log_history(tmp_path / "cache", "pretrain") == log_history(workdir / "cache", "pretrain")
+    ours, theirs = (stage_dir(c, "pretrain") for c in (tmp_path / "cache", workdir / "cache"))
+    assert json.loads((ours / "generations.json").read_text()) == json.loads(
+        (theirs / "generations.json").read_text()
+    )
+
+    def epoch_table(result):
+        return next(c for c in result["cells"] if "val perplexity" in c)
+
+    assert epoch_table(resumed) == epoch_table(cold_run[1])
+    metrics = json.loads((ours / "metrics.json").read_text())
+    assert metrics["sessions"] == 2 and metrics["train_seconds"] > 0
