@@ -261,7 +261,8 @@ def run_notebook(workdir: Path, name: str, notebook: Path = NOTEBOOK, **paramete
         for output in cell.get("outputs", []):
             cell_text.append("".join(output.get("text", "")))
             cell_text.append("".join(output.get("data", {}).get("text/plain", "")))
-        texts.append("".join(cell_text))
+            cell_text.append("".join(output.get("data", {}).get("text/markdown", "")))
+        texts.append("\n".join(t for t in cell_text if t))
         if "run_stage(" in cell.source:
             stage_seconds += cell.metadata.get("papermill", {}).get("duration") or 0.0
     text = "\n".join(texts)
@@ -322,3 +323,16 @@ def one_line_error(err) -> str:
     assert err.ename in ("UserError", "CorpusError"), (err.ename, err.evalue)
     assert len(err.traceback) == 1 and "\n" not in err.traceback[0], err.traceback
     return err.evalue
+
+
+def progress_bars(nb) -> list[str]:
+    """Progress output in an executed notebook: tqdm widgets, tqdm text bars, the Trainer's HTML bar."""
+    found = []
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            data, text = output.get("data", {}), "".join(output.get("text", ""))
+            if "application/vnd.jupyter.widget-view+json" in data:
+                found.append(data.get("text/plain", "widget"))
+            elif "<progress" in data.get("text/html", "") or re.search(r"\d+%\|", text):
+                found.append(cell.source.splitlines()[0])
+    return found

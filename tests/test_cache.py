@@ -83,18 +83,6 @@ def test_tmp_dirs_and_missing_manifests_are_never_loaded(warm_copy):
     assert (dataset_dir / "manifest.json").exists()
 
 
-def test_truncated_output_file_is_not_complete(warm_copy):
-    folder = stage_dir(warm_copy / "cache", "clean_corpus")
-    (folder / "paragraphs.parquet").write_bytes(b"truncated")
-    result = run_notebook(warm_copy, "truncated")
-    assert statuses(result) == {
-        "clean_corpus": "built",
-        "tokenizer": "cached",
-        "dataset": "cached",
-        "pretrain": "cached",
-    }
-
-
 def test_empty_corpus_dir_gives_a_clear_error(tmp_path):
     (tmp_path / "data" / "corpus").mkdir(parents=True)
     with pytest.raises(PapermillExecutionError) as err:

@@ -70,12 +70,15 @@ def flip_byte(path: Path, offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_corrupted_files_are_rebuilt_with_the_reason(warm_copy):
+def test_corrupted_or_truncated_files_are_rebuilt_with_the_reason(warm_copy):
     cache = warm_copy / "cache"
     arrow = next((stage_dir(cache, "dataset") / "dataset" / "train").glob("*.arrow"))
     flip_byte(arrow, arrow.stat().st_size // 2)
     flip_byte(stage_dir(cache, "tokenizer") / "hf" / "tokenizer.json", 200)
+    (stage_dir(cache, "clean_corpus") / "paragraphs.parquet").write_bytes(b"truncated")
     result = run_notebook(warm_copy, "corrupted")
+    assert statuses(result)["clean_corpus"] == "built"
+    assert "output file paragraphs.parquet changed" in result["stages"]["clean_corpus"][1]
     assert statuses(result)["tokenizer"] == "built"
     assert (
         "output file hf/tokenizer.json changed since it was built"

@@ -162,7 +162,7 @@ def test_packed_dataset_blocks_labels_and_split(cold_run):
 
 
 def test_warm_run_skips_all_and_reproduces_outputs(cold_run, warm_copy):
-    from conftest import run_notebook
+    from conftest import progress_bars, run_notebook
 
     cold_dir, cold = cold_run
     warm = run_notebook(warm_copy, "warm")
@@ -184,8 +184,13 @@ def test_warm_run_skips_all_and_reproduces_outputs(cold_run, warm_copy):
         return [
             text.replace(str(workdir), "<workdir>")
             for text, source in zip(run["cells"], run["sources"], strict=True)
-            if "run_stage(" not in source
+            if "run_stage(" not in source and not source.startswith("# Summary")
         ]
 
     assert shown(warm, warm_copy) == shown(cold, cold_dir)
     assert "val perplexity" in warm["text"], "the warm run must still show the training table"
+    bars = progress_bars(cold["nb"])
+    for step in ("cleaning", "Map", "generating", "answering", "Tokenizing train dataset"):
+        assert any(step in bar for bar in bars), (step, bars)
+    assert any(bar.startswith("# Stage 4: train") for bar in bars), "no training progress bar"
+    assert progress_bars(warm["nb"]) == [], "a warm run shows progress bars"
