@@ -7,7 +7,10 @@ import re
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import filelock
+import nbformat
 import papermill
 import pytest
 
@@ -17,6 +20,8 @@ STAGE_LINE = re.compile(r"^\[(\w+)\] (cached|built in [\d.]+s)(.*)$", re.M)
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "true"
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one thread each, or the
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # kernels' thread pools fight (10x slower)
 
 WORDS = (
     "дом лес река поле город солнце ветер ночь утро день снег дождь дорога окно дверь сад "
@@ -231,40 +236,60 @@ def build_tiny_qwen(folder: Path) -> Path:
     return folder
 
 
+def shared_fixture(tmp_path_factory, name: str, make) -> Path:
+    """A folder made once per test session and shared by the xdist workers: the first to get here
+    makes it (make(folder)), the others wait for it."""
+    root = tmp_path_factory.getbasetemp().parent  # one per session, above each worker's temp
+    folder = root / name
+    with filelock.FileLock(str(root / f"{name}.lock")):
+        if not (folder / ".done").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            (folder / ".done").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_qwen(tmp_path_factory) -> Path:
-    return build_tiny_qwen(tmp_path_factory.mktemp("tiny-qwen"))
+    return shared_fixture(tmp_path_factory, "tiny-qwen", build_tiny_qwen)
 
 
 TINY_QWEN: list[Path] = []  # set by the cold_run fixture, used as the default SFT_BASE_MODEL
 
 
-def run_notebook(workdir: Path, name: str, notebook: Path = NOTEBOOK, **parameters) -> dict:
-    """Execute the notebook with the smoke profile; return outputs, stage lines and timings."""
-    params = {
+def smoke(workdir: Path, **parameters) -> dict:
+    """The smoke profile on a work folder's data/, cache/ and artifacts/, plus `parameters`."""
+    return {
         "PROFILE": "smoke",
         "DATA_DIR": str(workdir / "data"),
         "CACHE_DIR": str(workdir / "cache"),
         "ARTIFACTS_DIR": str(workdir / "artifacts"),
         "SFT_BASE_MODEL": str(TINY_QWEN[0]) if TINY_QWEN else "Qwen/Qwen2.5-0.5B",
-    }
-    params.update(parameters)
+    } | parameters
+
+
+def run_notebook(workdir: Path, name: str, notebook: Path = NOTEBOOK, **parameters) -> dict:
+    """Execute the notebook with papermill and the smoke profile, in a fresh kernel; return
+    outputs, stage lines and timings."""
+    params = smoke(workdir, **parameters)
     out = workdir / f"{name}.ipynb"
     start = time.perf_counter()
     nb = papermill.execute_notebook(
         str(notebook), str(out), parameters=params, progress_bar=False, cwd=str(NOTEBOOK.parent)
     )
-    seconds = time.perf_counter() - start
-    texts, stage_seconds = [], 0.0
-    for cell in nb.cells:
-        cell_text = []
-        for output in cell.get("outputs", []):
-            cell_text.append("".join(output.get("text", "")))
-            cell_text.append("".join(output.get("data", {}).get("text/plain", "")))
-            cell_text.append("".join(output.get("data", {}).get("text/markdown", "")))
-        texts.append("\n".join(t for t in cell_text if t))
-        if "run_stage(" in cell.source:
-            stage_seconds += cell.metadata.get("papermill", {}).get("duration") or 0.0
+    return notebook_result(nb, seconds=time.perf_counter() - start)
+
+
+def notebook_result(nb, seconds: float, stage_seconds: float | None = None) -> dict:
+    """What an executed notebook showed: each cell's text, the stage lines, timings."""
+    texts = [cell_text(cell) for cell in nb.cells]
+    if stage_seconds is None:
+        stage_seconds = sum(
+            cell.metadata.get("papermill", {}).get("duration") or 0.0
+            for cell in nb.cells
+            if "run_stage(" in cell.source
+        )
     text = "\n".join(texts)
     stages = {m.group(1): (m.group(2), m.group(3)) for m in STAGE_LINE.finditer(text)}
     return {
@@ -285,19 +310,33 @@ def stage_dir(cache: Path, stage: str) -> Path:
     return dirs[0]
 
 
+def build_of(cache: Path, stage: str, result: dict) -> Path:
+    """The build of `stage` that a run printed (its key is in the stage line)."""
+    key = result["stages"][stage][1].split("(")[1][:12]
+    return next((cache / stage).glob(f"{key}*/manifest.json")).parent
+
+
 def manifest(cache: Path, stage: str) -> dict:
     return json.loads((stage_dir(cache, stage) / "manifest.json").read_text())
 
 
 @pytest.fixture(scope="session")
 def cold_run(tmp_path_factory, tiny_qwen):
-    """One cold smoke run over fresh fixtures; other tests copy its folder."""
+    """One cold smoke run over fresh fixtures, shared by every test (and xdist worker); tests that
+    change anything copy its folder first."""
     TINY_QWEN[:] = [tiny_qwen]
-    workdir = tmp_path_factory.mktemp("cold")
-    write_corpus(workdir / "data" / "corpus")
-    write_sft_parquet(workdir / "data" / "alpaca-cleaned-ru")
-    result = run_notebook(workdir, "cold")
-    return workdir, result
+
+    def make(workdir: Path) -> None:
+        write_corpus(workdir / "data" / "corpus")
+        write_sft_parquet(workdir / "data" / "alpaca-cleaned-ru")
+        result = run_notebook(workdir, "cold")
+        (workdir / "cold.json").write_text(
+            json.dumps({k: result[k] for k in ("seconds", "stage_seconds")})
+        )
+
+    workdir = shared_fixture(tmp_path_factory, "cold", make)
+    timings = json.loads((workdir / "cold.json").read_text())
+    return workdir, notebook_result(nbformat.read(workdir / "cold.ipynb", as_version=4), **timings)
 
 
 @pytest.fixture
@@ -319,7 +358,11 @@ def log_history(cache: Path, stage: str) -> list[dict]:
 
 
 def one_line_error(err) -> str:
-    """The error a user sees: exactly one line, no traceback (papermill still fails the run)."""
+    """The error a user sees: exactly one line, no traceback (papermill still fails the run).
+    `err`: papermill's exception, or a live-kernel result."""
+    if isinstance(err, dict):
+        assert err["error"], "the run did not stop"
+        err = SimpleNamespace(**err["error"])
     assert err.ename in ("UserError", "CorpusError"), (err.ename, err.evalue)
     assert len(err.traceback) == 1 and "\n" not in err.traceback[0], err.traceback
     return err.evalue
@@ -336,3 +379,98 @@ def progress_bars(nb) -> list[str]:
             elif "<progress" in data.get("text/html", "") or re.search(r"\d+%\|", text):
                 found.append(cell.source.splitlines()[0])
     return found
+
+
+class LiveKernel:
+    """One kernel for many short runs of the notebook's leading cells (settings, stage keys).
+
+    Each run starts from an empty namespace (`%reset -f`), then executes the parameters cell, an
+    injected cell like papermill's, and the following cells up to the one whose first line starts
+    with `until`: a fresh "Run All" in everything but the imports, which stay loaded (seconds
+    instead of a new kernel per case)."""
+
+    def __init__(self):
+        from nbclient import NotebookClient
+
+        self.source = nbformat.read(NOTEBOOK, as_version=4)
+        self.client = NotebookClient(
+            nbformat.v4.new_notebook(),
+            kernel_name="python3",
+            timeout=600,
+            resources={"metadata": {"path": str(NOTEBOOK.parent)}},
+        )
+        self.context = self.client.setup_kernel()
+        self.context.__enter__()
+
+    def close(self) -> None:
+        self.context.__exit__(None, None, None)
+
+    def run(self, parameters: dict, until: str, edit=None, after=(), reset: bool = True) -> dict:
+        """Outputs of each executed cell and the error (ename, evalue, traceback) if one stopped it.
+        `edit` maps each cell's source to the source to run; `after`: more code to run at the end;
+        reset=False runs the cells again in the namespace left by the previous run."""
+        from nbclient.exceptions import CellExecutionError
+
+        cells = [c for c in self.source.cells if c.cell_type == "code"]
+        stop = next(i for i, c in enumerate(cells) if c.source.startswith(until))
+        sources = [c.source for c in cells[: stop + 1]]
+        if edit:
+            sources = [edit(s) for s in sources]
+        injected = "\n".join(f"{k} = {v!r}" for k, v in parameters.items())
+        reset_cell = "get_ipython().run_line_magic('reset', '-f')" if reset else "pass"
+        sources = [reset_cell, sources[0], injected, *sources[1:], *after]
+        texts, error = [], None
+        self.client.nb.cells = [nbformat.v4.new_code_cell(source) for source in sources]
+        for index, cell in enumerate(self.client.nb.cells):
+            try:
+                self.client.execute_cell(cell, index)
+            except CellExecutionError:
+                out = next(o for o in cell.outputs if o.output_type == "error")
+                error = {"ename": out.ename, "evalue": out.evalue, "traceback": out.traceback}
+            texts.append(cell_text(cell))
+            if error:
+                break
+        text = "\n".join(texts)
+        stages = {m.group(1): (m.group(2), m.group(3)) for m in STAGE_LINE.finditer(text)}
+        return {"text": text, "cells": texts, "error": error, "stages": stages}
+
+
+def cell_text(cell) -> str:
+    parts = []
+    for output in cell.get("outputs", []):
+        parts.append("".join(output.get("text", "")))
+        parts.append("".join(output.get("data", {}).get("text/plain", "")))
+        parts.append("".join(output.get("data", {}).get("text/markdown", "")))
+    return "\n".join(p for p in parts if p)
+
+
+@pytest.fixture(scope="session")
+def live_kernel():
+    kernel = LiveKernel()
+    yield kernel
+    kernel.close()
+
+
+ALL_CELLS = "# Summary: shown here"  # the notebook's last cell
+STAGE_CELLS = {  # the build-or-load cell of each stage: a run can stop right after it
+    "clean_corpus": "# Stage 1: clean the corpus",
+    "tokenizer": "# Stage 2: train the tokenizer",
+    "dataset": "# Stage 3: pack the blocks",
+    "pretrain": "# Stage 4: train",
+    "sft_data": "# Stage 5: make the conversations",
+    "base_answers": "# Stage 6: the base model answers",
+    "sft_model": "# Stage 7: instruction-tune",
+}
+
+
+def run_live(kernel: LiveKernel, workdir: Path, until: str = ALL_CELLS, **parameters) -> dict:
+    """The notebook in the session's live kernel, smoke profile on `workdir`, up to `until` (a
+    cell title or a stage name: that stage's build-or-load cell)."""
+    edit, after = parameters.pop("edit", None), parameters.pop("after", ())
+    until = STAGE_CELLS.get(until, until)
+    return kernel.run(smoke(workdir, **parameters), until=until, edit=edit, after=after)
+
+
+def statuses(result) -> dict:
+    """stage -> "built" or "cached", from a run's stage lines."""
+    return {stage: status.split(" ")[0] for stage, (status, _) in result["stages"].items()}

@@ -7,39 +7,61 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import nbformat
 import xxhash
-from conftest import NOTEBOOK, manifest, run_notebook, stage_dir
+from conftest import manifest, run_live, run_notebook, stage_dir, statuses
 
 
-def statuses(result) -> dict:
-    return {stage: status.split(" ")[0] for stage, (status, _) in result["stages"].items()}
+def edit_function(function: str, statement: str = "_edited = True"):
+    """An edit of the notebook: `function` (or method) gains one statement, its behaviour unchanged."""
+    pattern = re.compile(rf"^( *)(def {function}\(.*?\).*?:\n)", re.M | re.S)
+
+    def edit(source: str) -> str:
+        return pattern.sub(rf"\1\2\1    {statement}\n", source, count=1)
+
+    return edit
 
 
-def edited_notebook(folder: Path, function: str) -> Path:
-    """A copy of the notebook whose `function` gains one statement (its behaviour is unchanged)."""
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    pattern = re.compile(rf"^(def {function}\(.*?\).*?:\n)", re.M | re.S)
-    cells = [c for c in nb.cells if c.cell_type == "code" and pattern.search(c.source)]
-    assert len(cells) == 1, f"def {function} not found once"
-    cells[0].source = pattern.sub(r"\1    _edited = True\n", cells[0].source, count=1)
-    path = folder / f"edited_{function}.ipynb"
-    nbformat.write(nb, path)
-    return path
+def edits(*functions: str, replace: tuple = ()):
+    def edit(source: str) -> str:
+        for function in functions:
+            source = edit_function(function)(source)
+        for old, new in replace:
+            source = source.replace(old, new)
+        return source
+
+    return edit
 
 
-def test_code_keys_follow_helpers_transitively(warm_copy):
-    # roman_to_int <- repair_numerals <- REPAIRS <- clean_units <- build_clean_corpus: not listed
-    # anywhere by hand, yet editing it rebuilds the stage (identical output: nothing downstream)
-    notebook = edited_notebook(warm_copy, "roman_to_int")
-    result = run_notebook(warm_copy, "edited-helper", notebook=notebook)
+def test_code_keys_follow_helpers_transitively(live_kernel, warm_copy):
+    # roman_to_int <- repair_numerals <- REPAIRS <- clean_paragraphs <- build_clean_corpus: not
+    # listed anywhere by hand, yet editing it rebuilds the stage (identical output: nothing else)
+    result = run_live(live_kernel, warm_copy, "sft_model", edit=edits("roman_to_int"))
     assert statuses(result)["clean_corpus"] == "built"
     assert "code of roman_to_int changed" in result["stages"]["clean_corpus"][1]
     assert {s for s, v in statuses(result).items() if v == "built"} == {"clean_corpus"}
 
-    notebook = edited_notebook(warm_copy, "epoch_table")  # display only: no stage reaches it
-    result = run_notebook(warm_copy, "edited-display", notebook=notebook)
+
+def test_code_that_only_records_or_shows_never_rebuilds(live_kernel, warm_copy):
+    # the MFU peak table, a log-table column, the meters, the figures and the report formatting
+    cosmetic = edits(
+        "epoch_table", "md_table", "training_figures", "session_totals", "on_log",
+        "peak_memory_gib", "write_json_atomic", "sessions",
+        replace=[('"T4": 65,', '"T4": 65,\n    "B200": 2250,'),
+                 ('"tokens/s", "eval loss"]', '"tokens/s", "eval loss", "memory"]')],
+    )  # fmt: skip
+    result = run_live(live_kernel, warm_copy, "sft_model", edit=cosmetic)
+    assert result["error"] is None, result["error"]
     assert set(statuses(result).values()) == {"cached"}, result["stages"]
+
+
+def test_editing_the_optimizer_or_the_loss_retrains(live_kernel, warm_copy):
+    result = run_live(
+        live_kernel, warm_copy, "sft_model", edit=edits("training_arguments", "training_step")
+    )
+    built = {s for s, v in statuses(result).items() if v == "built"}
+    assert built == {"pretrain", "sft_model"}, result["stages"]
+    assert "code of training_arguments changed" in result["stages"]["pretrain"][1]
+    assert "MeteredSFTTrainer" in result["stages"]["sft_model"][1]
 
 
 def test_two_concurrent_runs_share_each_build(cold_run, tmp_path):
@@ -70,13 +92,13 @@ def flip_byte(path: Path, offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_corrupted_or_truncated_files_are_rebuilt_with_the_reason(warm_copy):
+def test_corrupted_or_truncated_files_are_rebuilt_with_the_reason(live_kernel, warm_copy):
     cache = warm_copy / "cache"
     arrow = next((stage_dir(cache, "dataset") / "dataset" / "train").glob("*.arrow"))
     flip_byte(arrow, arrow.stat().st_size // 2)
     flip_byte(stage_dir(cache, "tokenizer") / "hf" / "tokenizer.json", 200)
     (stage_dir(cache, "clean_corpus") / "paragraphs.parquet").write_bytes(b"truncated")
-    result = run_notebook(warm_copy, "corrupted")
+    result = run_live(live_kernel, warm_copy, "pretrain")
     assert statuses(result)["clean_corpus"] == "built"
     assert "output file paragraphs.parquet changed" in result["stages"]["clean_corpus"][1]
     assert statuses(result)["tokenizer"] == "built"
@@ -97,12 +119,12 @@ def folder_digests(cache: Path) -> dict:
     }
 
 
-def test_published_stages_are_never_written_again(warm_copy):
+def test_published_stages_are_never_written_again(live_kernel, warm_copy):
     cache = warm_copy / "cache"
     upstream = ("clean_corpus", "tokenizer", "dataset", "sft_data", "base_answers")
     before = {s: folder_digests(stage_dir(cache, s)) for s in upstream}
     sft_key = manifest(cache, "sft_model")["key"]
-    result = run_notebook(warm_copy, "rebuild-downstream", FORCE=["pretrain", "sft_model"])
+    result = run_live(live_kernel, warm_copy, FORCE=["pretrain", "sft_model"])
     assert statuses(result)["pretrain"] == statuses(result)["sft_model"] == "built"
     for stage in upstream:
         folder = stage_dir(cache, stage)

@@ -1,11 +1,9 @@
 """Corpora shaped a little differently: they work, or stop with one clear line before publishing."""
 
-import pytest
-from conftest import one_line_error, run_notebook, stage_dir
-from papermill.exceptions import PapermillExecutionError
+from conftest import one_line_error, run_live, stage_dir
 
 
-def test_one_sentence_per_line_corpus_keeps_sentences_and_validation(tmp_path):
+def test_one_sentence_per_line_corpus_keeps_sentences_and_validation(live_kernel, tmp_path):
     corpus = tmp_path / "data" / "corpus"
     corpus.mkdir(parents=True)
     subjects = ["Старик", "Мальчик", "Солдат", "Девушка", "Ямщик", "Граф", "Доктор", "Сосед"]
@@ -16,8 +14,8 @@ def test_one_sentence_per_line_corpus_keeps_sentences_and_validation(tmp_path):
             for i in range(150)
         ]
         (corpus / f"lines_{f}.txt").write_text("\n".join(lines), encoding="utf-8")
-    with pytest.raises(PapermillExecutionError):  # stops at the SFT data (none here), not before
-        run_notebook(tmp_path, "lines", OVERRIDES={"EPOCHS": 1, "SFT_DATA_DIR": str(tmp_path)})
+    result = run_live(live_kernel, tmp_path, "dataset")
+    assert result["error"] is None, result["error"]
     import pyarrow.parquet as pq
 
     cache = tmp_path / "cache"
@@ -27,11 +25,10 @@ def test_one_sentence_per_line_corpus_keeps_sentences_and_validation(tmp_path):
     assert 0.03 <= (splits.split == "validation").mean() <= 0.08
 
 
-def test_corpus_where_nothing_survives_stops_before_publishing(tmp_path):
+def test_corpus_where_nothing_survives_stops_before_publishing(live_kernel, tmp_path):
     corpus = tmp_path / "data" / "corpus"
     corpus.mkdir(parents=True)
     (corpus / "english.txt").write_text("This is English.\nSo is this line.\n12 345\n", "utf-8")
-    with pytest.raises(PapermillExecutionError) as err:
-        run_notebook(tmp_path, "nothing")
-    assert "Nothing left after cleaning 1 files" in one_line_error(err.value)
+    result = run_live(live_kernel, tmp_path, "clean_corpus")
+    assert "Nothing left after cleaning 1 files" in one_line_error(result)
     assert not list((tmp_path / "cache").glob("*/*/manifest.json")), "an empty stage was published"

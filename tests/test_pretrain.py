@@ -40,7 +40,9 @@ def test_pretrain_learns_and_generates_every_epoch(cold_run):
         assert [g["prompt"] for g in generations if g["epoch"] == epoch] == PROMPTS
     assert all(g["text"].startswith(g["prompt"]) for g in generations)
     assert not (folder / "checkpoints").exists(), "checkpoints left in the published stage"
-    metrics = json.loads((folder / "metrics.json").read_text())
+    raw = json.loads((folder / "metrics.json").read_text())  # the build's raw facts only
+    assert "tokens_per_second" not in raw and "mfu" not in raw, "a derived figure in the stage"
+    metrics = json.loads((workdir / "artifacts" / "pretrain" / "metrics.json").read_text())
     assert metrics["tokens_per_second"] > 0 and metrics["mfu"] is None  # CPU
     assert "val bpc" in result["text"] and "MFU: n/a (CPU)" in result["text"]
 
@@ -115,5 +117,6 @@ def test_killed_training_resumes_exactly(cold_run, tmp_path, where):
         return next(c for c in result["cells"] if "val perplexity" in c)
 
     assert epoch_table(resumed) == epoch_table(cold_run[1])
-    metrics = json.loads((ours / "metrics.json").read_text())
+    assert len(json.loads((ours / "sessions.json").read_text())) == 2
+    metrics = json.loads((tmp_path / "artifacts" / "pretrain" / "metrics.json").read_text())
     assert metrics["sessions"] == 2 and metrics["train_seconds"] > 0

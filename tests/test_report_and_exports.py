@@ -4,11 +4,9 @@ ChatML base model checked before anything long runs."""
 import json
 import shutil
 
-import pytest
 import torch
 import transformers
-from conftest import one_line_error, run_notebook
-from papermill.exceptions import PapermillExecutionError
+from conftest import one_line_error, run_live
 
 SECTIONS = ["## Stages", "## Corpus and dataset", "## Pretraining", "## SFT", "## Questions"]
 
@@ -75,9 +73,10 @@ def model_with_template(tiny_qwen, folder, template):
     return folder
 
 
-def test_a_non_qwen_chatml_model_trains_assistant_only(warm_copy, tiny_qwen):
+def test_a_non_qwen_chatml_model_trains_assistant_only(live_kernel, warm_copy, tiny_qwen):
     model = model_with_template(tiny_qwen, warm_copy / "smollm-like", SMOLLM2_TEMPLATE)
-    result = run_notebook(warm_copy, "smollm", SFT_BASE_MODEL=str(model))
+    result = run_live(live_kernel, warm_copy, SFT_BASE_MODEL=str(model))
+    assert result["error"] is None, result["error"]
 
     def built(stage):  # this run's build (the fixture's Qwen build is there too)
         key = result["stages"][stage][1].split("(")[1][:12]
@@ -95,12 +94,11 @@ def test_a_non_qwen_chatml_model_trains_assistant_only(warm_copy, tiny_qwen):
     assert saved.chat_template == SMOLLM2_TEMPLATE, "the exported model must keep its template"
 
 
-def test_an_untrainable_template_stops_in_sft_data(warm_copy, tiny_qwen):
+def test_an_untrainable_template_stops_in_sft_data(live_kernel, warm_copy, tiny_qwen):
     template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     model = model_with_template(tiny_qwen, warm_copy / "plain", template)
     builds = {p for p in (warm_copy / "cache").glob("*/*") if p.is_dir()}
-    with pytest.raises(PapermillExecutionError) as err:
-        run_notebook(warm_copy, "untrainable", SFT_BASE_MODEL=str(model))
-    assert "cannot be trained assistant-only" in one_line_error(err.value)
+    result = run_live(live_kernel, warm_copy, "sft_model", SFT_BASE_MODEL=str(model))
+    assert "cannot be trained assistant-only" in one_line_error(result)
     # stopped in sft_data: no base answers, no training, nothing half-built left behind
     assert {p for p in (warm_copy / "cache").glob("*/*") if p.is_dir()} == builds

@@ -11,6 +11,7 @@ from conftest import (
     SFT_PAIRS,
     log_history,
     one_line_error,
+    run_live,
     run_notebook,
     stage_dir,
     write_sft_parquet,
@@ -84,43 +85,37 @@ def test_sft_model_learns_and_stops_at_im_end(cold_run):
     assert len(answers["sft"]) == 4 and "after SFT" in result["text"]
 
 
-def test_missing_column_is_a_clear_error(warm_copy):
+def test_missing_column_is_a_clear_error(live_kernel, warm_copy):
     bad = warm_copy / "data" / "alpaca-cleaned-ru"
     (bad / "train.parquet").unlink()
     write_sft_parquet(bad, [{"instruction": "Вопрос", "input": None}])
-    with pytest.raises(PapermillExecutionError) as err:
-        run_notebook(warm_copy, "missing-column")
-    assert f"{bad / 'train.parquet'}: missing column 'output'" in one_line_error(err.value)
+    result = run_live(live_kernel, warm_copy, "sft_data")
+    assert f"{bad / 'train.parquet'}: missing column 'output'" in one_line_error(result)
 
 
-def test_a_file_that_is_not_parquet_is_named(warm_copy):
+def test_a_file_that_is_not_parquet_is_named(live_kernel, warm_copy):
     bad = warm_copy / "data" / "alpaca-cleaned-ru" / "broken.parquet"
     bad.write_text("instruction,input,output\nВопрос,,Ответ\n")  # a CSV with the wrong name
-    with pytest.raises(PapermillExecutionError) as err:
-        run_notebook(warm_copy, "not-parquet")
-    assert f"{bad}: not a readable parquet file" in one_line_error(err.value)
+    result = run_live(live_kernel, warm_copy, "sft_data")
+    assert f"{bad}: not a readable parquet file" in one_line_error(result)
 
 
-def test_no_usable_sft_rows_is_a_clear_error(warm_copy):
+def test_no_usable_sft_rows_is_a_clear_error(live_kernel, warm_copy):
     folder = warm_copy / "data" / "alpaca-cleaned-ru"
     (folder / "train.parquet").unlink()
     write_sft_parquet(folder, [{"instruction": "Вопрос", "input": "", "output": " "}] * 3)
-    with pytest.raises(PapermillExecutionError) as err:
-        run_notebook(warm_copy, "no-rows")
-    message = one_line_error(err.value)
+    message = one_line_error(run_live(live_kernel, warm_copy, "sft_data"))
     assert f"no usable rows in {folder / 'train.parquet'}: 3 read, 3 dropped" in message
     assert not list((warm_copy / "cache" / "sft_model").glob("*.partial")), "training started"
 
 
-def test_unreachable_or_missing_model_is_a_clear_error(warm_copy):
-    with pytest.raises(PapermillExecutionError) as err:
-        run_notebook(warm_copy, "offline", SFT_BASE_MODEL="Qwen/Qwen2.5-0.5B")
-    assert "uv run hf download Qwen/Qwen2.5-0.5B" in one_line_error(err.value)
+def test_unreachable_or_missing_model_is_a_clear_error(live_kernel, warm_copy):
+    result = run_live(live_kernel, warm_copy, "sft_data", SFT_BASE_MODEL="Qwen/Qwen2.5-0.5B")
+    assert "uv run hf download Qwen/Qwen2.5-0.5B" in one_line_error(result)
     empty = warm_copy / "not-a-model"
     empty.mkdir()
-    with pytest.raises(PapermillExecutionError) as err:
-        run_notebook(warm_copy, "no-config", SFT_BASE_MODEL=str(empty))
-    assert f"{empty} has no config.json" in one_line_error(err.value)
+    result = run_live(live_kernel, warm_copy, "sft_data", SFT_BASE_MODEL=str(empty))
+    assert f"{empty} has no config.json" in one_line_error(result)
 
 
 @pytest.mark.parametrize("where", ["mid-epoch", "epoch end"])
@@ -136,6 +131,9 @@ def test_killed_sft_resumes_exactly(cold_run, warm_copy, where):
     assert (partial / "checkpoints" / f"checkpoint-{stop}").is_dir()
 
     resumed = run_notebook(warm_copy, "sft-resumed", OVERRIDES=saves)
+    exported_sessions = json.loads((warm_copy / "artifacts" / "sft" / "metrics.json").read_text())[
+        "sessions"
+    ]
     assert "resuming an interrupted build" in resumed["stages"]["sft_model"][1]
     assert f"resuming from checkpoint-{stop}" in resumed["text"]
     assert "missing keys" not in resumed["text"], "tied weights reported as missing"
@@ -155,4 +153,5 @@ def test_killed_sft_resumes_exactly(cold_run, warm_copy, where):
     assert json.loads((ours / "answers.json").read_text()) == json.loads(
         (theirs / "answers.json").read_text()
     )
-    assert json.loads((ours / "metrics.json").read_text())["sessions"] == 2
+    assert len(json.loads((ours / "sessions.json").read_text())) == 2
+    assert exported_sessions == 2

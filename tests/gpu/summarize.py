@@ -72,7 +72,9 @@ def main() -> None:
             continue
         folder = builds[stage][0]
         if stage in ("pretrain", "sft_model"):
-            metrics = read(folder, "metrics.json", {})
+            # the exported metrics: the stage's raw facts plus the figures derived from them
+            exported = cache.parent / "artifacts" / ("pretrain" if stage == "pretrain" else "sft")
+            metrics = read(exported, "metrics.json", None) or read(folder, "metrics.json", {})
             losses = eval_losses(folder)
             summary[stage] = {**metrics, "eval_losses": losses}
             if losses:

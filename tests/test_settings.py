@@ -1,0 +1,163 @@
+"""Settings you can trust: what you set wins, typos and bad values stop at once, and a build can
+read only the settings its key holds."""
+
+import json
+import re
+
+import nbformat
+import pytest
+from conftest import NOTEBOOK
+
+SETTINGS_CELL = "# Settings of this run"
+SHOW = "import json; print('CFG=' + json.dumps({k: [CFG[k], SOURCES[k]] for k in CFG}))"
+
+
+def settings(live_kernel, parameters: dict, edit=None) -> dict:
+    result = live_kernel.run(parameters, until=SETTINGS_CELL, edit=edit, after=[SHOW])
+    assert result["error"] is None, result["error"]
+    return json.loads(re.search(r"^CFG=(.*)$", result["text"], re.M).group(1))
+
+
+def set_in_parameters_cell(assignments: dict):
+    """Edit the parameters cell as a user would: `EPOCHS = None` becomes `EPOCHS = 1`."""
+
+    def edit(source: str) -> str:
+        for name, value in assignments.items():
+            source = re.sub(rf"^{name} = None", f"{name} = {value!r}", source, flags=re.M)
+        return source
+
+    return edit
+
+
+def test_what_you_set_wins_over_the_profile_both_ways(live_kernel):
+    # nothing set: the profile's values (cpu: 3 epochs, 2,400 blocks)
+    cfg = settings(live_kernel, {"PROFILE": "cpu"})
+    assert cfg["EPOCHS"] == [3, "profile cpu"] and cfg["TRAIN_BLOCKS"] == [2400, "profile cpu"]
+    assert cfg["WEIGHT_DECAY"] == [0.01, "default"]
+    # papermill -p (the injected cell) and an edit of the parameters cell both win
+    cfg = settings(live_kernel, {"PROFILE": "smoke", "EPOCHS": 1, "LEARNING_RATE": 0.01})
+    assert cfg["EPOCHS"] == [1, "set by you"] and cfg["LEARNING_RATE"] == [0.01, "set by you"]
+    edit = set_in_parameters_cell({"PROFILE": "cpu", "EPOCHS": 5, "SFT_MAX_STEPS": 4})
+    cfg = settings(live_kernel, {}, edit=edit)
+    assert cfg["PROFILE"][0] == "cpu" and cfg["EPOCHS"] == [5, "set by you"]
+    assert cfg["SFT_MAX_STEPS"] == [4, "set by you"] and cfg["SFT_MICRO_BATCH"][0] == 2
+    # OVERRIDES is applied last, over both
+    cfg = settings(live_kernel, {"PROFILE": "smoke", "EPOCHS": 1, "OVERRIDES": {"EPOCHS": 4}}, edit)
+    assert cfg["EPOCHS"] == [4, "OVERRIDES"]
+
+
+def test_the_settings_table_shows_what_differs_and_where_it_came_from(live_kernel):
+    result = live_kernel.run({"PROFILE": "cpu", "EPOCHS": 1}, until=SETTINGS_CELL)
+    table = result["cells"][-1]
+    assert re.search(r"EPOCHS\s+1\s+set by you\s+10", table), table
+    assert re.search(r"TRAIN_BLOCKS\s+2400\s+profile cpu\s+'all'", table), table
+    assert "WEIGHT_DECAY" not in table, "a knob at its plain default is listed"
+
+
+def stops(live_kernel, parameters: dict) -> str:
+    """The one line a bad setting stops the run with, at the settings cell."""
+    result = live_kernel.run(parameters, until=SETTINGS_CELL)
+    error = result["error"]
+    assert error and error["ename"] == "UserError", (parameters, error)
+    assert len(error["traceback"]) == 1, error["traceback"]
+    return error["evalue"]
+
+
+def test_a_misspelled_knob_or_stage_stops_with_the_closest_name(live_kernel):
+    smoke = {"PROFILE": "smoke"}
+    assert stops(live_kernel, smoke | {"EPOCS": 1}).startswith(
+        "EPOCS is not a knob (did you mean EPOCHS?)"
+    )
+    message = stops(live_kernel, smoke | {"FORCE": ["tokeniser"]})
+    assert "FORCE: 'tokeniser' is not a stage (did you mean tokenizer?)" in message
+    message = stops(live_kernel, smoke | {"OVERRIDES": {"LEARNING_RAT": 0.1}})
+    assert "OVERRIDES key LEARNING_RAT is not a knob (did you mean LEARNING_RATE?)" in message
+
+
+@pytest.mark.parametrize(
+    ("parameters", "expected"),
+    [
+        ({"VAL_FRACTION": "lots"}, "VAL_FRACTION = 'lots' (set by you): expected a number > 0"),
+        (
+            {"VAL_FRACTION": 1.5},
+            "VAL_FRACTION = 1.5 (set by you): expected a number > 0 and <= 0.5",
+        ),
+        ({"EPOCHS": -1}, "EPOCHS = -1 (set by you): expected an integer >= 1"),
+        ({"SFT_SAMPLING": "shuffled"}, "SFT_SAMPLING = 'shuffled' (set by you): expected"),
+        (
+            {"PROFILE": "gpu"},
+            "PROFILE = 'gpu' (set by you): expected one of 'full', 'cpu', 'smoke'",
+        ),
+        ({"OVERRIDES": {"EPOCHS": 2.5}}, "EPOCHS = 2.5 (OVERRIDES): expected an integer >= 1"),
+        ({"MODEL_HIDDEN": 65}, "MODEL_HIDDEN = 65 must be a multiple of MODEL_HEADS = 2"),
+    ],
+)
+def test_a_bad_value_stops_before_any_stage_runs(live_kernel, tmp_path, parameters, expected):
+    cache = tmp_path / "cache"
+    message = stops(live_kernel, {"PROFILE": "smoke", "CACHE_DIR": str(cache)} | parameters)
+    assert message.startswith(expected), message
+    assert not cache.exists(), "something was built before the settings were checked"
+
+
+def edit_function(function: str, statement: str):
+    """Add one statement at the top of a notebook function (an edit a developer might make)."""
+    pattern = re.compile(rf"^(def {function}\(.*?\).*?:\n)", re.M | re.S)
+
+    def edit(source: str) -> str:
+        return pattern.sub(rf"\1    {statement}\n", source, count=1)
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("function", "statement", "expected"),
+    [  # a build reading a knob its run_stage call does not key, through settings or a global
+        ("build_tokenizer", '_ = cfg["EPOCHS"]', "stage 'tokenizer' read 'EPOCHS', which its "
+         "run_stage call neither keys (config=) nor passes as a runtime setting (runtime=)"),
+        ("training_texts", "_ = VOCAB_SIZE", "training_texts reads the global 'VOCAB_SIZE', data "
+         "of this run: pass it to the build through run_stage(config=/runtime=)"),
+        ("training_texts", "_ = CFG", "training_texts reads the global 'CFG'"),
+    ],
+)  # fmt: skip
+def test_a_build_reading_a_setting_outside_its_key_is_caught(
+    live_kernel, cold_run, tmp_path, function, statement, expected
+):
+    workdir, _ = cold_run
+    parameters = {"PROFILE": "smoke", "DATA_DIR": str(workdir / "data"),
+                  "CACHE_DIR": str(tmp_path / "cache"), "ARTIFACTS_DIR": str(tmp_path / "art")}  # fmt: skip
+    result = live_kernel.run(parameters, until="# Stage 2: train the tokenizer",
+                             edit=edit_function(function, statement))  # fmt: skip
+    assert result["error"] and expected in result["error"]["evalue"], result["error"]
+    assert not list((tmp_path / "cache" / "tokenizer").glob("*/manifest.json"))
+
+
+def code_cells():
+    return [c for c in nbformat.read(NOTEBOOK, as_version=4).cells if c.cell_type == "code"]
+
+
+def test_no_value_made_in_a_display_cell_is_used_later():
+    """Display cells keep their values to themselves (`_names`); only definitions, settings and
+    stage cells make names for later cells, so re-running any cell cannot change another's."""
+    import ast
+
+    for cell in code_cells():
+        tree = ast.parse(cell.source)
+        names = [n for n in ast.walk(tree) if isinstance(n, ast.Name)]
+        stored = {n.id for n in names if isinstance(n.ctx, ast.Store)}
+        title = cell.source.splitlines()[0]
+        for name in {n.id for n in names if isinstance(n.ctx, ast.Load)}:
+            assert not name.startswith("_") or name in stored, f"{title!r} reads {name}"
+        defines = any(isinstance(n, ast.FunctionDef | ast.ClassDef) for n in tree.body)
+        if not defines and "run_stage(" not in cell.source:
+            made = {n.id for n in names if isinstance(n.ctx, ast.Store) and n.col_offset == 0}
+            shared = {n for n in made if not n.startswith("_") and not n.isupper()}
+            assert not shared, f"{title!r} makes {sorted(shared)} for later cells"
+
+
+def test_cells_are_short_and_titled():
+    """Every code cell opens with a `# title`; one over 30 lines says why in its title."""
+    for cell in code_cells():
+        lines = cell.source.splitlines()
+        assert lines[0].startswith("# "), lines[0]
+        if len(lines) > 30:
+            assert "(long:" in lines[0], f"{lines[0]!r}: {len(lines)} lines and no reason"
