@@ -88,6 +88,20 @@ PARTLY_WRAPPED = (
     "его куски должны снова стать одной строкой, как и было задумано автором."
 )
 PUNCTUATION_CLEAN = "Что! Неужели? Ну… Как?! Так… Вот, и всё"
+FOOTNOTED = [  # issue #16: (as written, what the cleaned corpus holds; None: dropped)
+    ("— Сэ доммаж[1]! — рявкал Филя и вынимал из стола шоколадку.",
+     "— Сэ доммаж! — рявкал Филя и вынимал из стола шоколадку."),
+    ("[1] Жаль! (франц.).", None),
+    ("Фин дэ сьекль [*] и прочее, сказал он и ушел домой.",
+     "Фин дэ сьекль и прочее, сказал он и ушел домой."),
+    ("[*] — Конец века (франц.). — Ред.", None),
+    ('13 "Новый словарь для учащихся" (англ.).', None),
+    ("-- -- Нет, -- ответил он тихо.", "— Нет, — ответил он тихо."),
+]  # fmt: skip
+MARKED_DUPLICATE = (  # the same paragraph twice, once with a footnote marker
+    "[216] Она, оглядываясь, улыбалась и Тихону, и мужу, и официанту, провожавшему их.",
+    "Она, оглядываясь, улыбалась и Тихону, и мужу, и официанту, провожавшему их.",
+)
 
 
 def sentence(rng: random.Random) -> str:
@@ -133,7 +147,10 @@ def write_corpus(folder: Path, seed: int = 0) -> Path:
 def write_special_files(folder: Path, rng: random.Random) -> None:
     """Issue #7 cases: repairs, a near-duplicate pair, a partly wrapped file, verse, centred verse."""
     repairs = [paragraph(rng) for _ in range(120)]
-    repairs[3:3] = [source for source, _ in REPAIRED] + [NEAR_DUPLICATE[0]]
+    repairs[3:3] = [source for source, _ in REPAIRED] + [NEAR_DUPLICATE[0], MARKED_DUPLICATE[1]]
+    footnotes = [paragraph(rng) for _ in range(40)]
+    footnotes[5:5] = [source for source, _ in FOOTNOTED] + [MARKED_DUPLICATE[0]]
+    (folder / "footnotes.txt").write_text("\n".join(footnotes), encoding="utf-8")
     (folder / "repairs.txt").write_text("\n".join(repairs), encoding="utf-8")
     # one paragraph per line (long lines), except one paragraph wrapped at ~70 characters
     mixed = [paragraph(rng) + " " + paragraph(rng) + " " + paragraph(rng) for _ in range(60)]
@@ -269,10 +286,21 @@ def smoke(workdir: Path, **parameters) -> dict:
     } | parameters
 
 
-def run_notebook(workdir: Path, name: str, notebook: Path = NOTEBOOK, **parameters) -> dict:
-    """Execute the notebook with papermill and the smoke profile, in a fresh kernel; return
-    outputs, stage lines and timings."""
+def run_notebook(workdir: Path, name: str, notebook: Path = NOTEBOOK, until=None, **parameters):
+    """Execute the notebook with papermill and the smoke profile, in a fresh kernel (`until`: only
+    its cells up to that stage's build-or-load cell); return outputs, stage lines and timings."""
     params = smoke(workdir, **parameters)
+    if until:
+        nb = nbformat.read(notebook, as_version=4)
+        title = STAGE_CELLS.get(until, until)
+        stop = next(
+            i
+            for i, c in enumerate(nb.cells)
+            if c.cell_type == "code" and c.source.startswith(title)
+        )
+        nb.cells = nb.cells[: stop + 1]
+        notebook = workdir / f"{name}-until-{until}.ipynb"
+        nbformat.write(nb, notebook)
     out = workdir / f"{name}.ipynb"
     start = time.perf_counter()
     nb = papermill.execute_notebook(
@@ -363,7 +391,7 @@ def one_line_error(err) -> str:
     if isinstance(err, dict):
         assert err["error"], "the run did not stop"
         err = SimpleNamespace(**err["error"])
-    assert err.ename in ("UserError", "CorpusError"), (err.ename, err.evalue)
+    assert err.ename in ("UserError", "CorpusError", "Paused"), (err.ename, err.evalue)
     assert len(err.traceback) == 1 and "\n" not in err.traceback[0], err.traceback
     return err.evalue
 

@@ -68,8 +68,8 @@ def test_two_concurrent_runs_share_each_build(cold_run, tmp_path):
     workdir, _ = cold_run
     shutil.copytree(workdir / "data", tmp_path / "data")
 
-    def run(name):
-        return run_notebook(tmp_path, name)
+    def run(name):  # up to pretraining: two runs that need the same stages at the same time
+        return run_notebook(tmp_path, name, until="pretrain")
 
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(run, "first")

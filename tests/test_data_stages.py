@@ -9,7 +9,9 @@ import pyarrow.parquet as pq
 import transformers
 from conftest import (
     DUPLICATE,
+    FOOTNOTED,
     LATIN_LINE,
+    MARKED_DUPLICATE,
     MIXED_LINE,
     NEAR_DUPLICATE,
     PARTLY_WRAPPED,
@@ -101,7 +103,17 @@ def test_repairs_keep_russian_text_and_verse_keeps_its_lines(cold_run):
         "'#' used as a hyphen",
     ):
         assert stats[f"repaired: {repair}"] >= 1, repair
-    assert "centred_verse.txt" in result["text"] or stats["files"] == 9
+    assert "centred_verse.txt" in result["text"] or stats["files"] == 10
+    # footnotes: markers go, footnote bodies and numbered note lines go, "— —" is one dash
+    for source, cleaned in FOOTNOTED:
+        assert source not in texts and (cleaned is None or cleaned in texts), (source, cleaned)
+    assert not any(re.search(r"\[(\d+|\*)\]", t) for t in texts), "a footnote marker survived"
+    assert texts.count(MARKED_DUPLICATE[1]) == 1, "copies differing by a marker both survived"
+    assert stats["repaired: footnote markers removed"] >= 3
+    assert (
+        stats["dropped: footnote body"] == 2 and stats["dropped: numbered note or title line"] == 1
+    )
+    assert "main loss" in result["text"] and "kept %" in result["text"]
 
 
 def test_tokenizer_round_trips_and_special_tokens(cold_run):
