@@ -5,17 +5,24 @@
 #   on this CPU machine, tiny config (what the test runs):  bash tests/gpu/run.sh --cpu --corpus DIR
 #
 # Options: --pretrain-steps N|all (default 300; "all" = the full 10 epochs), --sft-steps N (default 40),
-# --levers (after the main run, re-run the training stages short with each speed lever flipped),
-# --corpus DIR (a folder of *.txt instead of .gpu/corpus.tar.xz), --out DIR (default $OUT),
-# --budget S (seconds for the notebook; the summary is written even when it runs out).
-# Writes to the output folder: gpu_check.json (figures), the executed notebook, log.txt.
+# --levers all|pretrain|sft|NAME,NAME (after the main run, re-run one training stage short with each
+# speed lever flipped; names below, "p-*" pretraining, "s-*" SFT), --lever-steps N (default 60),
+# --total S (no new lever run after S seconds, default 560), --corpus DIR (a folder of *.txt instead
+# of .gpu/corpus.tar.xz), --out DIR (default $OUT), --budget S (seconds for each notebook run; the
+# summary is written even when it runs out).
+# Writes to the output folder: gpu_check.json (figures), the executed notebook, log.txt, versions.txt,
+# artifacts/ (report.md, the loss plot: tests/gpu/results.py makes RESULTS.md of them), levers.jsonl.
 set -uo pipefail
+command_line="bash tests/gpu/run.sh $*"
 cd "$(dirname "$0")/../.."
 mode=gpu pretrain_steps=300 sft_steps=40 corpus="" out="${OUT:-artifacts/gpu-check}" budget=500 levers=0
+total=560 lever_steps=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu) mode=cpu ;;
-    --levers) levers=1 ;;
+    --levers) levers="$2"; shift ;;
+    --lever-steps) lever_steps="$2"; shift ;;
+    --total) total="$2"; shift ;;
     --pretrain-steps) pretrain_steps="$2"; shift ;;
     --sft-steps) sft_steps="$2"; shift ;;
     --corpus) corpus="$2"; shift ;;
@@ -31,6 +38,7 @@ mkdir -p "$out" && out="$(cd "$out" && pwd)"
 rm -rf "$work" && mkdir -p "$work/data/alpaca-cleaned-ru"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 exec > >(tee "$out/log.txt") 2>&1
+echo "$command_line" > "$out/command.txt"
 started=$(date +%s)
 step() { echo "[$(( $(date +%s) - started ))s] $*"; }
 
@@ -70,6 +78,7 @@ shape=qwen2.5-0.5b rows=51760 profile=full
 
 # 3. the notebook, full profile (smoke on the CPU), pretraining and SFT capped at N steps
 [ "$pretrain_steps" = all ] && pretrain_steps=-1
+[ -n "$lever_steps" ] || { lever_steps=60; [ "$mode" = cpu ] && lever_steps=4; }
 overrides="{MAX_STEPS: $pretrain_steps, SFT_MAX_STEPS: $sft_steps}"
 [ "$mode" = cpu ] && overrides="{MAX_STEPS: $pretrain_steps, SFT_MAX_STEPS: $sft_steps, \
 SFT_MAX_LENGTH: 256, SFT_EFFECTIVE_BATCH: 4, SFT_MICRO_BATCH: 4, SFT_EVAL_ROWS: 8}"
@@ -86,26 +95,50 @@ step "notebook exit status $status"
   "$(( $(date +%s) - started ))" > "$out/gpu_check.json"
 cat "$out/gpu_check.json"
 
-# 5. optional: each speed lever flipped, training stages only (data and base answers stay cached)
-if [ "$levers" = 1 ] && [ "$status" = 0 ]; then
-  variants=(
-    "{}"
-    "{TORCH_COMPILE: false}"
-    "{MICRO_BATCH: 32}"
-    "{SFT_SAMPLING: random}"
-    "{SFT_LIGER: true}"
-  )
-  for variant in "${variants[@]}"; do
-    step "lever $variant"
-    extra="${variant#\{}"; extra="${extra%\}}"
-    timeout --signal=INT --kill-after=20 "$budget" "$py" -m papermill --no-progress-bar \
-      -k python3 notebooks/LLM_Pretrain_SFT.ipynb "$work/lever.ipynb" \
-      -p PROFILE "$profile" -p DATA_DIR "$work/data" -p CACHE_DIR "$work/cache" \
-      -p ARTIFACTS_DIR "$work/artifacts" -p SFT_BASE_MODEL "$work/qwen" \
-      -y "{FORCE: [pretrain, sft_model], OVERRIDES: {MAX_STEPS: 60, SFT_MAX_STEPS: 15${extra:+, $extra}}}" \
-      > "$work/lever.log" 2>&1
-    "$py" tests/gpu/summarize.py "$work/cache" "$work/lever.ipynb" "$?" 0 --brief "$variant" \
-      | tee -a "$out/levers.jsonl"
-  done
-fi
+# 5. the run's report and loss plot beside the figures (tests/gpu/results.py makes RESULTS.md of them)
+mkdir -p "$out/artifacts/pretrain"
+cp "$work/artifacts/report.md" "$out/artifacts/" 2>/dev/null
+cp "$work/artifacts/pretrain/loss_curve.png" "$work/artifacts/pretrain/metrics.json" \
+  "$out/artifacts/pretrain/" 2>/dev/null
+
+# 6. optional: speed levers, each flipped in a short re-run of one training stage (the rest cached)
+declare -A lever=(
+  [p-base]="{}" [p-sync]="{HOST_SYNC_EVERY_STEP: true}" [p-nocompile]="{TORCH_COMPILE: false}"
+  [p-micro32]="{MICRO_BATCH: 32}" [p-liger]="{PRETRAIN_LIGER: true}"
+  [p-autotune]="{COMPILE_MODE: max-autotune-no-cudagraphs}"
+  [s-base]="{}" [s-before]="{SFT_LEAN_LOSS: false, HOST_SYNC_EVERY_STEP: true, SFT_COMPILE: 'off', SFT_MICRO_BATCH: 32}"
+  [s-trl-loss]="{SFT_LEAN_LOSS: false}" [s-nocompile]="{SFT_COMPILE: 'off'}"
+  [s-packed]="{SFT_PACKING: true}" [s-micro32]="{SFT_MICRO_BATCH: 32}" [s-liger]="{SFT_LIGER: true}"
+  [s-random]="{SFT_SAMPLING: random}" [s-syncs]="{COUNT_HOST_SYNCS: true}"
+  [s-syncs-before]="{COUNT_HOST_SYNCS: true, SFT_LEAN_LOSS: false, HOST_SYNC_EVERY_STEP: true}"
+)
+case "$levers" in
+  0) names=() ;;
+  all) names=(p-base p-sync p-nocompile p-micro32 p-liger s-base s-before s-trl-loss s-nocompile s-packed s-micro32 s-liger s-syncs s-syncs-before) ;;
+  pretrain) names=(p-base p-sync p-nocompile p-micro32 p-liger) ;;
+  sft) names=(s-base s-before s-trl-loss s-nocompile s-packed s-micro32 s-liger s-syncs s-syncs-before) ;;
+  *) IFS=, read -r -a names <<< "$levers" ;;
+esac
+main="MAX_STEPS: $pretrain_steps, SFT_MAX_STEPS: $sft_steps"
+[ "$mode" = cpu ] && main="$main, SFT_MAX_LENGTH: 256, SFT_EFFECTIVE_BATCH: 4, SFT_MICRO_BATCH: 4, SFT_EVAL_ROWS: 8"
+for name in "${names[@]}"; do
+  [ "$status" = 0 ] || break
+  if [ $(( $(date +%s) - started )) -gt "$total" ]; then step "lever $name skipped: over --total ${total}s"; continue; fi
+  variant="${lever[$name]:-}"
+  [ -n "$variant" ] || { step "unknown lever $name"; continue; }
+  extra="${variant#\{}"; extra="${extra%\}}"
+  if [ "${name:0:1}" = p ]; then  # pretraining: 60 steps; SFT stays cached
+    force=pretrain runs="$main, MAX_STEPS: $lever_steps"
+  else  # SFT: a short run, a small evaluation, short answers; pretraining stays cached
+    force=sft_model runs="$main, SFT_MAX_STEPS: $lever_steps, SFT_EVAL_ROWS: 64, SFT_MAX_NEW_TOKENS: 8"
+  fi
+  step "lever $name $variant"
+  timeout --signal=INT --kill-after=20 "$budget" "$py" -m papermill --no-progress-bar \
+    -k python3 notebooks/LLM_Pretrain_SFT.ipynb "$work/lever.ipynb" \
+    -p PROFILE "$profile" -p DATA_DIR "$work/data" -p CACHE_DIR "$work/cache" \
+    -p ARTIFACTS_DIR "$work/artifacts" -p SFT_BASE_MODEL "$work/qwen" \
+    -y "{FORCE: [$force], OVERRIDES: {$runs${extra:+, $extra}}}" > "$work/lever.log" 2>&1
+  "$py" tests/gpu/summarize.py "$work/cache" "$work/lever.ipynb" "$?" 0 --brief "$name $variant" \
+    | tee -a "$out/levers.jsonl"
+done
 exit "$status"

@@ -87,8 +87,11 @@ def main() -> None:
         pre, sft = pre if isinstance(pre, dict) else {}, sft if isinstance(sft, dict) else {}
         brief = {"lever": sys.argv[sys.argv.index("--brief") + 1], "error": summary["error"]}
         for prefix, metrics, keys in (
-            ("pretrain", pre, ("tokens_per_second", "step_seconds_median", "mfu", "peak_memory_gib", "compile")),
-            ("sft", sft, ("non_pad_tokens_per_second", "step_seconds_median", "mfu", "peak_memory_gib", "padding_share")),
+            ("pretrain", pre, ("tokens_per_second", "step_seconds_median", "mfu", "peak_memory_gib",
+                               "compile", "host syncs per step", "plan")),
+            ("sft", sft, ("non_pad_tokens_per_second", "step_seconds_median", "mfu", "peak_memory_gib",
+                          "padding_share", "micro_batch", "gradient_accumulation", "compile",
+                          "host syncs per step", "packed loss check", "seconds", "plan")),
         ):  # fmt: skip
             brief |= {f"{prefix} {k}": metrics.get(k) for k in keys}
         print(json.dumps(brief, ensure_ascii=False, default=str))
