@@ -2,6 +2,7 @@
 
 import json
 
+import conftest
 from conftest import build_of, manifest, one_line_error, run_live, stage_dir, write_corpus
 
 PRETRAIN_SIDE = ("clean_corpus", "tokenizer", "dataset", "pretrain")
@@ -9,7 +10,7 @@ PRETRAIN_SIDE = ("clean_corpus", "tokenizer", "dataset", "pretrain")
 
 def statuses(result) -> dict:
     """Cached/built per pretraining-side stage (the runs stop after pretraining)."""
-    found = {stage: status.split(" ")[0] for stage, (status, _) in result["stages"].items()}
+    found = conftest.statuses(result)
     return {s: found[s] for s in PRETRAIN_SIDE if s in found}
 
 
