@@ -286,20 +286,26 @@ def smoke(workdir: Path, **parameters) -> dict:
     } | parameters
 
 
-def run_notebook(workdir: Path, name: str, notebook: Path = NOTEBOOK, until=None, **parameters):
+def run_notebook(workdir: Path, name: str, until=None, edits=(), **parameters):
     """Execute the notebook with papermill and the smoke profile, in a fresh kernel (`until`: only
-    its cells up to that stage's build-or-load cell); return outputs, stage lines and timings."""
+    its cells up to that stage's build-or-load cell; `edits`: see apply_edits); return outputs,
+    stage lines and timings."""
     params = smoke(workdir, **parameters)
-    if until:
+    notebook = NOTEBOOK
+    if until or edits:
         nb = nbformat.read(notebook, as_version=4)
-        title = STAGE_CELLS.get(until, until)
-        stop = next(
-            i
-            for i, c in enumerate(nb.cells)
-            if c.cell_type == "code" and c.source.startswith(title)
-        )
-        nb.cells = nb.cells[: stop + 1]
-        notebook = workdir / f"{name}-until-{until}.ipynb"
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        for cell, source in zip(code, apply_edits([c.source for c in code], edits), strict=True):
+            cell.source = source
+        if until:
+            title = STAGE_CELLS.get(until, until)
+            stop = next(
+                i
+                for i, c in enumerate(nb.cells)
+                if c.cell_type == "code" and c.source.startswith(title)
+            )
+            nb.cells = nb.cells[: stop + 1]
+        notebook = workdir / f"{name}-edited.ipynb"
         nbformat.write(nb, notebook)
     out = workdir / f"{name}.ipynb"
     start = time.perf_counter()
@@ -307,6 +313,27 @@ def run_notebook(workdir: Path, name: str, notebook: Path = NOTEBOOK, until=None
         str(notebook), str(out), parameters=params, progress_bar=False, cwd=str(NOTEBOOK.parent)
     )
     return notebook_result(nb, seconds=time.perf_counter() - start)
+
+
+def replace(old: str, new: str, times: int = 1) -> tuple:
+    """An edit of the notebook: the text `old` (found `times` times) becomes `new`."""
+    return re.compile(re.escape(old)), lambda match: new, times
+
+
+def insert_statement(function: str, statement: str, times: int = 1) -> tuple:
+    """An edit of the notebook: `function` (each of `times` definitions) gains a first statement."""
+    pattern = re.compile(rf"^( *)(def {function}\(.*?\).*?:\n)", re.M | re.S)
+    return pattern, lambda m: f"{m[1]}{m[2]}{m[1]}    {statement}\n", times
+
+
+def apply_edits(sources: list[str], edits) -> list[str]:
+    """The code cells' sources with each edit made; an edit whose pattern does not match exactly
+    as often as it expects fails the test (an edit that silently misses would test nothing)."""
+    for pattern, new, times in edits:
+        found = sum(len(pattern.findall(source)) for source in sources)
+        assert found == times, f"edit {pattern.pattern!r}: {found} matches, expected {times}"
+        sources = [pattern.sub(new, source) for source in sources]
+    return sources
 
 
 def notebook_result(nb, seconds: float, stage_seconds: float | None = None) -> dict:
@@ -433,17 +460,15 @@ class LiveKernel:
     def close(self) -> None:
         self.context.__exit__(None, None, None)
 
-    def run(self, parameters: dict, until: str, edit=None, after=(), reset: bool = True) -> dict:
+    def run(self, parameters: dict, until: str, edits=(), after=(), reset: bool = True) -> dict:
         """Outputs of each executed cell and the error (ename, evalue, traceback) if one stopped it.
-        `edit` maps each cell's source to the source to run; `after`: more code to run at the end;
-        reset=False runs the cells again in the namespace left by the previous run."""
+        `edits`: see apply_edits; `after`: more code to run at the end; reset=False runs the cells
+        again in the namespace left by the previous run."""
         from nbclient.exceptions import CellExecutionError
 
         cells = [c for c in self.source.cells if c.cell_type == "code"]
         stop = next(i for i, c in enumerate(cells) if c.source.startswith(until))
-        sources = [c.source for c in cells[: stop + 1]]
-        if edit:
-            sources = [edit(s) for s in sources]
+        sources = apply_edits([c.source for c in cells], edits)[: stop + 1]
         injected = "\n".join(f"{k} = {v!r}" for k, v in parameters.items())
         reset_cell = "get_ipython().run_line_magic('reset', '-f')" if reset else "pass"
         sources = [reset_cell, sources[0], injected, *sources[1:], *after]
@@ -494,9 +519,9 @@ STAGE_CELLS = {  # the build-or-load cell of each stage: a run can stop right af
 def run_live(kernel: LiveKernel, workdir: Path, until: str = ALL_CELLS, **parameters) -> dict:
     """The notebook in the session's live kernel, smoke profile on `workdir`, up to `until` (a
     cell title or a stage name: that stage's build-or-load cell)."""
-    edit, after = parameters.pop("edit", None), parameters.pop("after", ())
+    edits, after = parameters.pop("edits", ()), parameters.pop("after", ())
     until = STAGE_CELLS.get(until, until)
-    return kernel.run(smoke(workdir, **parameters), until=until, edit=edit, after=after)
+    return kernel.run(smoke(workdir, **parameters), until=until, edits=edits, after=after)
 
 
 def statuses(result) -> dict:

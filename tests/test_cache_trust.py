@@ -1,41 +1,30 @@
 """A cache you can trust: derived code keys, concurrent runs, corrupted files, published stages."""
 
 import json
-import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import xxhash
-from conftest import manifest, run_live, run_notebook, stage_dir, statuses
+from conftest import (
+    insert_statement,
+    manifest,
+    replace,
+    run_live,
+    run_notebook,
+    stage_dir,
+    statuses,
+)
 
-
-def edit_function(function: str, statement: str = "_edited = True"):
-    """An edit of the notebook: `function` (or method) gains one statement, its behaviour unchanged."""
-    pattern = re.compile(rf"^( *)(def {function}\(.*?\).*?:\n)", re.M | re.S)
-
-    def edit(source: str) -> str:
-        return pattern.sub(rf"\1\2\1    {statement}\n", source, count=1)
-
-    return edit
-
-
-def edits(*functions: str, replace: tuple = ()):
-    def edit(source: str) -> str:
-        for function in functions:
-            source = edit_function(function)(source)
-        for old, new in replace:
-            source = source.replace(old, new)
-        return source
-
-    return edit
+EDITED = "_edited = True"  # one statement more: the function's behaviour is unchanged
 
 
 def test_code_keys_follow_helpers_transitively(live_kernel, warm_copy):
     # roman_to_int <- repair_numerals <- REPAIRS <- clean_paragraphs <- build_clean_corpus: not
     # listed anywhere by hand, yet editing it rebuilds the stage (identical output: nothing else)
-    result = run_live(live_kernel, warm_copy, "sft_model", edit=edits("roman_to_int"))
+    edit = insert_statement("roman_to_int", EDITED)
+    result = run_live(live_kernel, warm_copy, "sft_model", edits=[edit])
     assert statuses(result)["clean_corpus"] == "built"
     assert "code of roman_to_int changed" in result["stages"]["clean_corpus"][1]
     assert {s for s, v in statuses(result).items() if v == "built"} == {"clean_corpus"}
@@ -43,21 +32,29 @@ def test_code_keys_follow_helpers_transitively(live_kernel, warm_copy):
 
 def test_code_that_only_records_or_shows_never_rebuilds(live_kernel, warm_copy):
     # the MFU peak table, a log-table column, the meters, the figures and the report formatting
-    cosmetic = edits(
-        "epoch_table", "md_table", "training_figures", "session_totals", "on_log",
-        "peak_memory_gib", "write_json_atomic", "sessions",
-        replace=[('"T4": 65,', '"T4": 65,\n    "B200": 2250,'),
-                 ('"tokens/s", "eval loss"]', '"tokens/s", "eval loss", "memory"]')],
-    )  # fmt: skip
-    result = run_live(live_kernel, warm_copy, "sft_model", edit=cosmetic)
+    functions = {
+        "epoch_table": 1,
+        "md_table": 1,
+        "training_figures": 1,
+        "session_totals": 1,
+        "on_log": 2,
+        "peak_memory_gib": 1,
+        "write_json_atomic": 1,
+        "sessions": 1,
+    }
+    cosmetic = [insert_statement(name, EDITED, times) for name, times in functions.items()]
+    cosmetic += [
+        replace('"T4": 65}', '"T4": 65, "B200": 2250}'),
+        replace('"tokens/s", "eval loss"]', '"tokens/s", "eval loss", "memory"]'),
+    ]
+    result = run_live(live_kernel, warm_copy, "sft_model", edits=cosmetic)
     assert result["error"] is None, result["error"]
     assert set(statuses(result).values()) == {"cached"}, result["stages"]
 
 
 def test_editing_the_optimizer_or_the_loss_retrains(live_kernel, warm_copy):
-    result = run_live(
-        live_kernel, warm_copy, "sft_model", edit=edits("training_arguments", "training_step")
-    )
+    edits = [insert_statement(name, EDITED) for name in ("training_arguments", "training_step")]
+    result = run_live(live_kernel, warm_copy, "sft_model", edits=edits)
     built = {s for s, v in statuses(result).items() if v == "built"}
     assert built == {"pretrain", "sft_model"}, result["stages"]
     assert "code of training_arguments changed" in result["stages"]["pretrain"][1]
@@ -65,25 +62,44 @@ def test_editing_the_optimizer_or_the_loss_retrains(live_kernel, warm_copy):
 
 
 def test_two_concurrent_runs_share_each_build(cold_run, tmp_path):
+    """Ordered by events, not by time: run 1 holds the clean_corpus build until run 2 says it is
+    waiting for it, and run 2 starts only once run 1 holds that build."""
     workdir, _ = cold_run
     shutil.copytree(workdir / "data", tmp_path / "data")
+    holding, waiting = tmp_path / "run-1-holds-the-lock", tmp_path / "run-2-waits"
+    hold = (  # in build_lock, once the lock is held (machinery: the stage keys stay the same)
+        f"        if final.parent.name == 'clean_corpus':\n"
+        f"            Path({str(holding)!r}).touch()\n"
+        f"            while not Path({str(waiting)!r}).exists():\n"
+        f"                time.sleep(0.05)\n"
+        f"        yield\n"
+    )
+    edits = [
+        replace("        yield\n", hold),  # build_lock's one yield
+        replace(
+            "    lock.acquire()\n", f"    Path({str(waiting)!r}).touch()\n    lock.acquire()\n"
+        ),
+    ]
 
-    def run(name):  # up to pretraining: two runs that need the same stages at the same time
-        return run_notebook(tmp_path, name, until="pretrain")
+    def run(name):  # up to pretraining: two runs that need the same stages
+        return run_notebook(tmp_path, name, until="pretrain", edits=edits)
 
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(run, "first")
-        time.sleep(4)  # the second starts while the first is building
+        while not holding.exists():  # run 1 holds the clean_corpus lock (or has failed)
+            assert not first.done(), first.result()
+            time.sleep(0.05)
         second = pool.submit(run, "second")
         results = [first.result(), second.result()]
     text = "\n".join(r["text"] for r in results)
-    assert "waiting: another run is building" in text and "built by the other run" in text
+    assert "[clean_corpus] waiting: another run is building" in results[1]["text"]
+    assert "[clean_corpus] cached" in results[1]["text"] and "built by the other run" in text
     assert "removing stale build" not in text, "a live build was deleted"
     for stage in results[0]["stages"]:
         keys = [r["stages"][stage][1].split("(")[1][:12] for r in results]
         assert keys[0] == keys[1], stage
         assert len(list((tmp_path / "cache" / stage).glob("*/manifest.json"))) == 1, stage
-    assert all(statuses(r)[s] in ("built", "cached") for r in results for s in r["stages"])
+    assert statuses(results[0])["clean_corpus"] == "built"
 
 
 def flip_byte(path: Path, offset: int) -> None:

@@ -4,7 +4,7 @@ figures come from tests/gpu/run.sh --levers on a lent device."""
 import json
 import shutil
 
-from conftest import build_of, run_live
+from conftest import build_of, replace, run_live
 
 
 def metrics(workdir, stage, result) -> dict:
@@ -50,13 +50,10 @@ def test_packed_rows_give_the_loss_of_their_conversations(live_kernel, warm_copy
     assert facts["real_positions"] == facts["positions"], "a packed batch holds no padding"
     # the check catches attention across conversations (position_ids dropped: one long sequence)
     line = "packed = trainer._prepare_inputs(trainer.data_collator([row]))"
-
-    def edit(source: str) -> str:
-        return source.replace(line, line + "\n    packed.pop('position_ids')")
-
+    edit = replace(line, line + "\n    packed.pop('position_ids')")
     shutil.rmtree(warm_copy / "cache" / "sft_model")
     result = run_live(
-        live_kernel, warm_copy, "sft_model", SFT_PACKING=True, SFT_MAX_STEPS=3, edit=edit
+        live_kernel, warm_copy, "sft_model", SFT_PACKING=True, SFT_MAX_STEPS=3, edits=[edit]
     )
     assert (
         result["error"]

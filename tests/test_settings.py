@@ -6,27 +6,23 @@ import re
 
 import nbformat
 import pytest
-from conftest import NOTEBOOK
+from conftest import NOTEBOOK, insert_statement, replace
 
 SETTINGS_CELL = "# Settings of this run"
 SHOW = "import json; print('CFG=' + json.dumps({k: [CFG[k], SOURCES[k]] for k in CFG}))"
 
 
-def settings(live_kernel, parameters: dict, edit=None) -> dict:
-    result = live_kernel.run(parameters, until=SETTINGS_CELL, edit=edit, after=[SHOW])
+def settings(live_kernel, parameters: dict, edits=()) -> dict:
+    result = live_kernel.run(parameters, until=SETTINGS_CELL, edits=edits, after=[SHOW])
     assert result["error"] is None, result["error"]
     return json.loads(re.search(r"^CFG=(.*)$", result["text"], re.M).group(1))
 
 
-def set_in_parameters_cell(assignments: dict):
-    """Edit the parameters cell as a user would: `EPOCHS = None` becomes `EPOCHS = 1`."""
-
-    def edit(source: str) -> str:
-        for name, value in assignments.items():
-            source = re.sub(rf"^{name} = None", f"{name} = {value!r}", source, flags=re.M)
-        return source
-
-    return edit
+def set_in_parameters_cell(assignments: dict) -> list:
+    """Edits of the parameters cell as a user makes them: `EPOCHS = None` becomes `EPOCHS = 1`."""
+    return [
+        replace(f"\n{name} = None", f"\n{name} = {value!r}") for name, value in assignments.items()
+    ]
 
 
 def test_what_you_set_wins_over_the_profile_both_ways(live_kernel):
@@ -37,12 +33,14 @@ def test_what_you_set_wins_over_the_profile_both_ways(live_kernel):
     # papermill -p (the injected cell) and an edit of the parameters cell both win
     cfg = settings(live_kernel, {"PROFILE": "smoke", "EPOCHS": 1, "LEARNING_RATE": 0.01})
     assert cfg["EPOCHS"] == [1, "set by you"] and cfg["LEARNING_RATE"] == [0.01, "set by you"]
-    edit = set_in_parameters_cell({"PROFILE": "cpu", "EPOCHS": 5, "SFT_MAX_STEPS": 4})
-    cfg = settings(live_kernel, {}, edit=edit)
+    edits = set_in_parameters_cell({"PROFILE": "cpu", "EPOCHS": 5, "SFT_MAX_STEPS": 4})
+    cfg = settings(live_kernel, {}, edits=edits)
     assert cfg["PROFILE"][0] == "cpu" and cfg["EPOCHS"] == [5, "set by you"]
     assert cfg["SFT_MAX_STEPS"] == [4, "set by you"] and cfg["SFT_MICRO_BATCH"][0] == 2
     # OVERRIDES is applied last, over both
-    cfg = settings(live_kernel, {"PROFILE": "smoke", "EPOCHS": 1, "OVERRIDES": {"EPOCHS": 4}}, edit)
+    cfg = settings(
+        live_kernel, {"PROFILE": "smoke", "EPOCHS": 1, "OVERRIDES": {"EPOCHS": 4}}, edits
+    )
     assert cfg["EPOCHS"] == [4, "OVERRIDES"]
 
 
@@ -99,16 +97,6 @@ def test_a_bad_value_stops_before_any_stage_runs(live_kernel, tmp_path, paramete
     assert not cache.exists(), "something was built before the settings were checked"
 
 
-def edit_function(function: str, statement: str):
-    """Add one statement at the top of a notebook function (an edit a developer might make)."""
-    pattern = re.compile(rf"^(def {function}\(.*?\).*?:\n)", re.M | re.S)
-
-    def edit(source: str) -> str:
-        return pattern.sub(rf"\1    {statement}\n", source, count=1)
-
-    return edit
-
-
 @pytest.mark.parametrize(
     ("function", "statement", "expected"),
     [  # a build reading a knob its run_stage call does not key, through settings or a global
@@ -126,7 +114,7 @@ def test_a_build_reading_a_setting_outside_its_key_is_caught(
     parameters = {"PROFILE": "smoke", "DATA_DIR": str(workdir / "data"),
                   "CACHE_DIR": str(tmp_path / "cache"), "ARTIFACTS_DIR": str(tmp_path / "art")}  # fmt: skip
     result = live_kernel.run(parameters, until="# Stage 2: train the tokenizer",
-                             edit=edit_function(function, statement))  # fmt: skip
+                             edits=[insert_statement(function, statement)])  # fmt: skip
     assert result["error"] and expected in result["error"]["evalue"], result["error"]
     assert not list((tmp_path / "cache" / "tokenizer").glob("*/manifest.json"))
 
