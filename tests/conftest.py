@@ -1,5 +1,6 @@
 """Shared helpers: a fixture corpus the tests write themselves, and a papermill runner."""
 
+import functools
 import json
 import os
 import random
@@ -527,3 +528,26 @@ def run_live(kernel: LiveKernel, workdir: Path, until: str = ALL_CELLS, **parame
 def statuses(result) -> dict:
     """stage -> "built" or "cached", from a run's stage lines."""
     return {stage: status.split(" ")[0] for stage, (status, _) in result["stages"].items()}
+
+
+BASE_DEFINITIONS = ("# Imports", "# User errors", "# Stage cache: code fingerprints")
+
+
+@functools.cache
+def code_cells() -> tuple[str, ...]:
+    return tuple(
+        c.source for c in nbformat.read(NOTEBOOK, as_version=4).cells if c.cell_type == "code"
+    )
+
+
+def definitions(*titles: str) -> dict:
+    """A namespace where the imports and the code cells whose titles start with one of `titles`
+    ran, in notebook order: pure rules tested in seconds, without the notebook around them."""
+    prefixes = (*BASE_DEFINITIONS, *titles)
+    chosen = [s for s in code_cells() if s.startswith(prefixes)]
+    for prefix in prefixes:
+        assert any(s.startswith(prefix) for s in chosen), f"no code cell titled {prefix!r}"
+    namespace = {"__name__": "__main__"}
+    for source in chosen:
+        exec(compile(source, source.splitlines()[0], "exec"), namespace)
+    return namespace

@@ -37,7 +37,7 @@ def test_code_that_only_records_or_shows_never_rebuilds(live_kernel, warm_copy):
         "md_table": 1,
         "training_figures": 1,
         "session_totals": 1,
-        "on_log": 2,
+        "on_log": 3,
         "peak_memory_gib": 1,
         "write_json_atomic": 1,
         "sessions": 1,

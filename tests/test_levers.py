@@ -76,11 +76,3 @@ def test_regional_compile_traces_without_breaks_or_recompiles(live_kernel, warm_
         short, long = reports[0][stage], reports[1][stage]
         assert short["graph breaks"] == long["graph breaks"] == 0, (stage, long)
         assert 1 <= short["graphs compiled"] and long["graphs compiled"] <= short["graphs compiled"]
-
-
-def test_the_micro_batch_is_the_largest_that_fits(live_kernel, warm_copy):
-    cases = "[fitting_micro_batch(64, 10, 1, 80), fitting_micro_batch(64, 10, 2, 80), " \
-            "fitting_micro_batch(48, 10, 1, 80), fitting_micro_batch(64, 100, 1, 80)]"  # fmt: skip
-    result = run_live(live_kernel, warm_copy, "sft_model", after=[f"print({cases})"])
-    assert result["error"] is None, result["error"]
-    assert result["cells"][-1].strip() == "[64, 32, 16, 1]"

@@ -62,6 +62,16 @@ def main() -> None:
         f"{figure(sft.get('mfu'), '.1%')}, padding {figure(sft.get('padding_share'), '.1%')}, "
         f"phase seconds {sft.get('seconds')}",
         "",
+        "## Predictions (made before each stage loaded its model) beside measurements",
+        "",
+        "| stage | peak memory GiB: predicted / measured | seconds (training + evaluation): predicted / measured |",
+        "|---|---|---|",
+        *[
+            f"| {name} | {' / '.join(map(str, m.get('predicted_vs_measured', {}).get('peak_memory_gib', ['?'])))} | "
+            f"{' / '.join(map(str, m.get('predicted_vs_measured', {}).get('seconds', ['?'])))} |"
+            for name, m in (("pretrain", pre), ("sft_model", sft))
+        ],
+        "",
         "## Pretraining: validation per epoch",
         "",
         section(report, "Pretraining"),

@@ -1,0 +1,202 @@
+"""The `full` profile on the GPUs students have: precision from the card (not from emulation),
+micro-batches that fit with 10% headroom, the time before it starts. Pure rules: only the
+notebook's definition cells run, with torch.cuda answering as each card does."""
+
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import ROOT, definitions
+
+# name, compute capability, memory as torch reports it (GiB)
+CARDS = [
+    ("Tesla T4", (7, 5), 14.7),
+    ("Tesla V100-SXM2-16GB", (7, 0), 15.8),
+    ("NVIDIA L4", (8, 9), 22.0),
+    ("NVIDIA A10G", (8, 6), 22.0),
+    ("NVIDIA GeForce RTX 4090", (8, 9), 23.6),
+    ("NVIDIA A100-SXM4-40GB", (8, 0), 39.4),
+    ("NVIDIA A100-SXM4-80GB", (8, 0), 79.2),
+    ("NVIDIA H100 80GB HBM3", (9, 0), 79.1),
+    ("NVIDIA H200", (9, 0), 139.8),
+]
+CU128_ARCHS = ["sm_70", "sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]  # torch 2.9-2.10
+# the full profile's inputs: the real corpus (107 novels) packed, and the GPU check's stand-in for
+# alpaca-cleaned-ru (tests/gpu/make_assets.py: 51,760 rows, 51,292 within 1,024 tokens, ~280 each)
+CORPUS_STATS = {"train": {"blocks": 25_069}, "validation": {"blocks": 1_322}}
+SFT_STATS = {"train rows": 50_779, "eval rows": 513, "tokens": 14_358_876}
+
+
+class Tokenizer:  # what llama_config reads of the pretraining tokenizer
+    bos_token_id, eos_token_id, pad_token_id = 2, 3, 1
+
+    def __len__(self) -> int:
+        return 3000
+
+
+@pytest.fixture(scope="module")
+def nb():
+    return definitions(
+        "# The assignment's prompts", "# Defaults", "# Hardware", "# Training plan",
+        "# Figures: model FLOPs", "# Stage 4: the model config", "# Stage 4: the plan",
+        "# Stage 7: the plan", "# Throughput", "# JSON files",
+    )  # fmt: skip
+
+
+def full_profile(nb) -> dict:
+    return {k: v[0] if isinstance(v, tuple) else v for k, v in nb["DEFAULTS"].items()}
+
+
+def qwen_config():
+    import transformers
+
+    return transformers.Qwen2Config(
+        vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
+    )  # fmt: skip
+
+
+def simulate(monkeypatch, name, capability, gib, flash=False):
+    """torch.cuda as this card answers; bf16 'supported' on 7.x too, as a real T4 says (emulation)."""
+    props = SimpleNamespace(
+        name=name, major=capability[0], minor=capability[1], total_memory=int(gib * 2**30)
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _: props)
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: CU128_ARCHS)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    real = __import__("importlib").util.find_spec
+    monkeypatch.setattr(
+        "importlib.util.find_spec",
+        lambda n, *a: object() if flash and n == "flash_attn" else real(n, *a),
+    )
+
+
+def plans(nb, card) -> dict:
+    cfg = full_profile(nb)
+    pretrain = nb["plan_pretraining"](cfg, card, nb["llama_config"](cfg, Tokenizer()), CORPUS_STATS)
+    return {"pretrain": pretrain, "sft_model": nb["plan_sft"](cfg, card, qwen_config(), SFT_STATS)}
+
+
+@pytest.mark.parametrize(("name", "capability", "gib"), CARDS)
+def test_each_card_gets_its_precision_and_batches_that_fit(nb, monkeypatch, name, capability, gib):
+    simulate(monkeypatch, name, capability, gib, flash=True)
+    card = nb["detect_card"]()
+    native = capability >= (8, 0)
+    assert card.precision == ("bf16" if native else "fp16"), "bf16 chosen through emulation"
+    assert nb["inference_dtype"](card) == (torch.bfloat16 if native else torch.float32)
+    assert nb["attention_kernel"](card) == ("flash_attention_2" if native else "sdpa")
+    assert ("no native bf16" in nb["precision_reason"](card)) != native
+    for stage, plan in plans(nb, card).items():
+        effective = full_profile(nb)[
+            "EFFECTIVE_BATCH" if stage == "pretrain" else "SFT_EFFECTIVE_BATCH"
+        ]
+        assert plan.micro_batch * plan.accumulation == effective == 64, (stage, plan)
+        assert plan.too_small is None, plan.too_small
+        assert plan.predicted_peak_gib <= 0.9 * gib, (stage, plan)
+        assert plan.expected_seconds > 0
+        # checkpointing only where fewer than 8 rows would fit without it
+        plain = nb["peak_gib"](
+            nb["model_shape"](qwen_config(), True) if stage == "sft_model" else pretrain_shape(nb),
+            8, 1024 if stage == "sft_model" else 512, stage == "pretrain", False,
+        )  # fmt: skip
+        assert plan.checkpointing == (plain > 0.9 * gib), (stage, plan, plain)
+
+
+def pretrain_shape(nb):
+    cfg = full_profile(nb)
+    return nb["model_shape"](nb["llama_config"](cfg, Tokenizer()), False)
+
+
+def test_the_memory_model_reproduces_the_h200_peaks(nb):
+    # measured on an H200 (issue #10): pretraining at micro-batch 64 under torch.compile; SFT at
+    # micro-batch 32 with rows of up to 1,024 tokens (eager, TRL's chunked LM head)
+    pretrain = nb["peak_gib"](pretrain_shape(nb), 64, 512, True, False)
+    sft = nb["peak_gib"](nb["model_shape"](qwen_config(), True), 32, 1024, False, False)
+    assert abs(pretrain / 17.0 - 1) <= 0.15, pretrain
+    assert abs(sft / 56.2 - 1) <= 0.15, sft
+    assert nb["model_shape"](qwen_config(), True).parameters == 494_032_768
+
+
+def test_a_card_too_small_stops_before_the_model_loads(nb, monkeypatch):
+    simulate(monkeypatch, "NVIDIA GeForce RTX 3070", (8, 6), 7.8)
+    card = nb["detect_card"]()
+    plan = plans(nb, card)["sft_model"]
+    assert plan.too_small and plan.too_small.startswith(
+        "[sft_model] NVIDIA GeForce RTX 3070 has 7.8 GiB"
+    )
+    assert "494M-parameter model needs about" in plan.too_small
+    with pytest.raises(nb["UserError"], match="use a GPU with at least 9 GiB"):
+        nb["announce"]({"plan": {"too_small": plan.too_small}, "announce": ""})
+    assert plans(nb, card)["pretrain"].too_small is None  # pretraining still fits
+
+
+def test_a_micro_batch_you_set_wins_and_is_flagged_when_too_big(nb, monkeypatch):
+    simulate(monkeypatch, "Tesla T4", (7, 5), 14.7)
+    card, cfg = nb["detect_card"](), full_profile(nb)
+    cfg["MICRO_BATCH"], cfg["SFT_MICRO_BATCH"] = 64, 64
+    pretrain = nb["plan_pretraining"](cfg, card, nb["llama_config"](cfg, Tokenizer()), CORPUS_STATS)
+    assert (pretrain.micro_batch, pretrain.checkpointing) == (64, True), (
+        "checkpointing makes it fit"
+    )
+    sft = nb["plan_sft"](cfg, card, qwen_config(), SFT_STATS)
+    assert sft.micro_batch == 64 and sft.accumulation == 1
+    assert "over 90% of the card: it may run out of memory" in nb["plan_line"](card, sft)
+
+
+def test_a_gpu_torch_cannot_use_says_why_and_runs_on_the_cpu(nb, monkeypatch, capsys):
+    simulate(monkeypatch, "Tesla P100-PCIE-16GB", (6, 0), 15.9)  # Kaggle's P100: no cu128 kernels
+    with pytest.warns(UserWarning, match="has no kernels in torch"):
+        assert nb["detect_card"]().device == "cpu"
+    assert "Everything below runs on the CPU" in capsys.readouterr().out
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    # the real floor of a CUDA 12.x build is any 12.x driver (>= 525), not the one it shipped with
+    assert "runs on any NVIDIA driver >= 525; driver 520.61.05 is older" in nb["unusable_gpu"](
+        "Tesla T4", "520.61.05"
+    )
+    assert "new enough" in nb["unusable_gpu"]("Tesla T4", "550.54.15")
+
+
+def test_fp16_steps_the_loss_scaler_skipped_are_counted_and_said(nb, tmp_path, capsys):
+    meter = nb["Throughput"](tmp_path / "sessions.json", tokens_per_step=1)
+    for skipped in (True, True, False, True):
+        meter.on_optimizer_step(
+            None, None, None, optimizer=SimpleNamespace(step_was_skipped=skipped)
+        )
+    meter.on_log(None, None, None)
+    assert "skipped 3 optimizer step(s) since the last log line" in capsys.readouterr().out
+    assert meter.sessions()[-1]["skipped_steps"] == 3
+    meter.on_optimizer_step(None, None, None, optimizer=SimpleNamespace(step_was_skipped=False))
+    meter.on_log(None, None, None)
+    assert capsys.readouterr().out == "", "said again without a new skipped step"
+
+
+def readme_table(nb) -> str:
+    rows = ["| card | GiB | precision | pretraining micro-batch × accumulation, peak | SFT micro-batch × "
+            "accumulation, peak | expected: pretraining + SFT |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for name, capability, gib in CARDS:
+        card = nb["Card"]("cuda", name, capability, gib)
+        p, s = plans(nb, card).values()
+        checkpointing = ", checkpointing" if s.checkpointing else ""
+        hours = (p.expected_seconds + s.expected_seconds) / 3600
+        rows.append(
+            f"| {name} | {gib} | {card.precision} | {p.micro_batch} × {p.accumulation}, "
+            f"{p.predicted_peak_gib} GiB | {s.micro_batch} × {s.accumulation}{checkpointing}, "
+            f"{s.predicted_peak_gib} GiB | {duration(p.expected_seconds)} + "
+            f"{duration(s.expected_seconds)} = {hours:.1f} h |"
+        )
+    return "\n".join(rows)
+
+
+def duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
+def test_the_readme_shows_the_plan_of_each_card(nb):
+    table = readme_table(nb)
+    readme = (ROOT / "README.md").read_text()
+    assert table in readme, "README's card table differs from the plan:\n" + table
+    assert re.search(r"driver \*\*≥ 525\*\*", readme) and "must be **≥ 570**" not in readme
