@@ -257,7 +257,8 @@ def build_tiny_qwen(folder: Path) -> Path:
 def shared_fixture(tmp_path_factory, name: str, make) -> Path:
     """A folder made once per test session and shared by the xdist workers: the first to get here
     makes it (make(folder)), the others wait for it."""
-    root = tmp_path_factory.getbasetemp().parent  # one per session, above each worker's temp
+    root = tmp_path_factory.getbasetemp()  # this session's, above each xdist worker's own temp
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
     folder = root / name
     with filelock.FileLock(str(root / f"{name}.lock")):
         if not (folder / ".done").exists():
@@ -280,19 +281,20 @@ def smoke(workdir: Path, **parameters) -> dict:
     """The smoke profile on a work folder's data/, cache/ and artifacts/, plus `parameters`."""
     return {
         "PROFILE": "smoke",
-        "DATA_DIR": str(workdir / "data"),
+        "CORPUS_DIR": str(workdir / "data" / "corpus"),
+        "SFT_DATA_DIR": str(workdir / "data" / "alpaca-cleaned-ru"),
         "CACHE_DIR": str(workdir / "cache"),
         "ARTIFACTS_DIR": str(workdir / "artifacts"),
         "SFT_BASE_MODEL": str(TINY_QWEN[0]) if TINY_QWEN else "Qwen/Qwen2.5-0.5B",
     } | parameters
 
 
-def run_notebook(workdir: Path, name: str, until=None, edits=(), **parameters):
+def run_notebook(workdir: Path, name: str, until=None, edits=(), faults=None, **parameters):
     """Execute the notebook with papermill and the smoke profile, in a fresh kernel (`until`: only
-    its cells up to that stage's build-or-load cell; `edits`: see apply_edits); return outputs,
-    stage lines and timings."""
+    its cells up to that stage's build-or-load cell; `edits`: see apply_edits; `faults`: see
+    inject); return outputs, stage lines and timings."""
     params = smoke(workdir, **parameters)
-    notebook = NOTEBOOK
+    notebook, edits = NOTEBOOK, [*edits, *inject(faults)]
     if until or edits:
         nb = nbformat.read(notebook, as_version=4)
         code = [c for c in nb.cells if c.cell_type == "code"]
@@ -413,6 +415,24 @@ def log_history(cache: Path, stage: str) -> list[dict]:
     return [{k: v for k, v in e.items() if not any(t in k for t in TIMING_KEYS)} for e in log]
 
 
+def assert_resumed_like(cache: Path, reference: Path, stage: str, *resumed_at: int) -> None:
+    """A resumed run logs what an uninterrupted one logs — every eval loss, learning rate and grad
+    norm — except the train loss of the log interval the resume cut (the Trainer's own resume starts
+    its running loss at the checkpoint); its final weights are the same bytes."""
+    ours, theirs = log_history(cache, stage), log_history(reference, stage)
+    cut = {
+        next((e["step"] for e in theirs if "loss" in e and e["step"] > at), None)
+        for at in resumed_at
+    }
+
+    def without_cut(log):
+        return [{k: v for k, v in e.items() if not (k == "loss" and e["step"] in cut)} for e in log]
+
+    assert without_cut(ours) == without_cut(theirs)
+    weights = [stage_dir(c, stage) / "model" / "model.safetensors" for c in (cache, reference)]
+    assert weights[0].read_bytes() == weights[1].read_bytes(), "the resumed model differs"
+
+
 def one_line_error(err) -> str:
     """The error a user sees: exactly one line, no traceback (papermill still fails the run).
     `err`: papermill's exception, or a live-kernel result."""
@@ -420,7 +440,7 @@ def one_line_error(err) -> str:
         assert err["error"], "the run did not stop"
         err = SimpleNamespace(**err["error"])
     assert err.ename in ("UserError", "CorpusError", "Paused"), (err.ename, err.evalue)
-    assert len(err.traceback) == 1 and "\n" not in err.traceback[0], err.traceback
+    assert len(err.traceback) == 1 and "\n" not in err.traceback[0].rstrip("\n"), err.traceback
     return err.evalue
 
 
@@ -461,17 +481,21 @@ class LiveKernel:
     def close(self) -> None:
         self.context.__exit__(None, None, None)
 
-    def run(self, parameters: dict, until: str, edits=(), after=(), reset: bool = True) -> dict:
+    def run(
+        self, parameters: dict, until: str, edits=(), after=(), faults=None, reset: bool = True
+    ):
         """Outputs of each executed cell and the error (ename, evalue, traceback) if one stopped it.
-        `edits`: see apply_edits; `after`: more code to run at the end; reset=False runs the cells
-        again in the namespace left by the previous run."""
+        `edits`: see apply_edits; `faults`: see inject; `after`: more code to run at the end;
+        reset=False runs the cells again in the namespace left by the previous run."""
         from nbclient.exceptions import CellExecutionError
 
         cells = [c for c in self.source.cells if c.cell_type == "code"]
         stop = next(i for i, c in enumerate(cells) if c.source.startswith(until))
-        sources = apply_edits([c.source for c in cells], edits)[: stop + 1]
+        sources = apply_edits([c.source for c in cells], [*edits, *inject(faults)])[: stop + 1]
         injected = "\n".join(f"{k} = {v!r}" for k, v in parameters.items())
-        reset_cell = "get_ipython().run_line_magic('reset', '-f')" if reset else "pass"
+        reset_cell = (
+            "get_ipython().run_line_magic('reset', '-f')\n" + UNDO_FAULTS if reset else "pass"
+        )
         sources = [reset_cell, sources[0], injected, *sources[1:], *after]
         texts, error = [], None
         self.client.nb.cells = [nbformat.v4.new_code_cell(source) for source in sources]
@@ -520,9 +544,13 @@ STAGE_CELLS = {  # the build-or-load cell of each stage: a run can stop right af
 def run_live(kernel: LiveKernel, workdir: Path, until: str = ALL_CELLS, **parameters) -> dict:
     """The notebook in the session's live kernel, smoke profile on `workdir`, up to `until` (a
     cell title or a stage name: that stage's build-or-load cell)."""
-    edits, after = parameters.pop("edits", ()), parameters.pop("after", ())
+    edits, after, faults = (
+        parameters.pop(k, d) for k, d in (("edits", ()), ("after", ()), ("faults", None))
+    )
     until = STAGE_CELLS.get(until, until)
-    return kernel.run(smoke(workdir, **parameters), until=until, edits=edits, after=after)
+    return kernel.run(
+        smoke(workdir, **parameters), until=until, edits=edits, after=after, faults=faults
+    )
 
 
 def statuses(result) -> dict:
@@ -530,7 +558,7 @@ def statuses(result) -> dict:
     return {stage: status.split(" ")[0] for stage, (status, _) in result["stages"].items()}
 
 
-BASE_DEFINITIONS = ("# Imports", "# User errors", "# Stage cache: code fingerprints")
+BASE_DEFINITIONS = ("# Imports", "# User errors", "# Stage cache: digests of files")
 
 
 @functools.cache
@@ -551,3 +579,87 @@ def definitions(*titles: str) -> dict:
     for source in chosen:
         exec(compile(source, source.splitlines()[0], "exec"), namespace)
     return namespace
+
+
+# Test hooks live here, not in the notebook: `faults` patches the Trainer in the kernel right after
+# the imports (library code: the stage keys stay the same). {"signal_at_step": ["SIGINT", N]}: the
+# signal arrives during step N; "second_signal_in_save": again while that checkpoint is written;
+# {"disk_full_at_step": N}: checkpoint N meets a full disk; {"disk_free_gib": G}: the disk reports
+# G GiB free; {"kill_after_checkpoint": N}: the process dies right after checkpoint N is complete;
+# {"count_host_syncs": PATH}: the calls that would wait for a GPU (item, tolist, bool), counted
+# per optimizer step (the optimizer's own excepted) and written to PATH as {stage: [counts]}.
+FAULTS = """
+import json, os, shutil, signal, sys, safetensors, torch, transformers
+for _owner, _name in ((transformers.Trainer, "train"), (transformers.Trainer, "_save_checkpoint"), (shutil, "disk_usage")):
+    if not hasattr(_owner, "_real_" + _name):
+        setattr(_owner, "_real_" + _name, getattr(_owner, _name))
+_SPEC, _SENT = SPEC, []
+
+
+class _Faults(transformers.TrainerCallback):
+    def __init__(self, stage):
+        self.stage, self.counts, self.caught, self.saved = stage, [], [], {}
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        name, step = _SPEC.get("signal_at_step", (None, None))
+        if name and state.global_step + 1 == step and not _SENT:
+            _SENT.append(getattr(signal, name))
+            os.kill(os.getpid(), _SENT[0])
+        if "count_host_syncs" in _SPEC:
+            self.caught, self.saved = [], {n: getattr(torch.Tensor, n) for n in ("item", "tolist", "__bool__")}
+            for n, method in self.saved.items():
+                def counted(tensor, *a, _m=method, _n=n, **k):
+                    if not sys._getframe(1).f_globals.get("__name__", "").startswith("torch.optim"):
+                        self.caught.append(_n)
+                    return _m(tensor, *a, **k)
+                setattr(torch.Tensor, n, counted)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        for n, method in self.saved.items():
+            setattr(torch.Tensor, n, method)
+        self.counts += [len(self.caught)] if self.saved else []
+        self.saved = {}
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if "count_host_syncs" in _SPEC:
+            path = _SPEC["count_host_syncs"]
+            found = json.load(open(path)) if os.path.exists(path) else {}
+            json.dump(found | {self.stage: self.counts}, open(path, "w"))
+
+    def on_save(self, args, state, control, **kwargs):
+        step = _SPEC.get("kill_after_checkpoint")
+        if step is not None and state.global_step >= step:
+            print(f"FAULTS: killing the process after checkpoint {state.global_step}")
+            os._exit(3)  # like a dead kernel: no clean-up, no manifest
+
+
+def _train(self, *args, **kwargs):
+    self.add_callback(_Faults("sft_model" if "SFT" in type(self).__name__ else "pretrain"))
+    return transformers.Trainer._real_train(self, *args, **kwargs)
+
+
+def _save_checkpoint(self, model, trial):
+    if _SENT and _SPEC.get("second_signal_in_save"):
+        os.kill(os.getpid(), _SENT[0])
+    if self.state.global_step == _SPEC.get("disk_full_at_step"):
+        raise safetensors.SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+    return transformers.Trainer._real__save_checkpoint(self, model, trial)
+
+
+transformers.Trainer.train, transformers.Trainer._save_checkpoint = _train, _save_checkpoint
+if "disk_free_gib" in _SPEC:
+    shutil.disk_usage = lambda p: shutil._real_disk_usage(p)._replace(free=int(_SPEC["disk_free_gib"] * 2**30))
+"""
+UNDO_FAULTS = """
+import shutil, transformers
+for _owner, _name in ((transformers.Trainer, "train"), (transformers.Trainer, "_save_checkpoint"), (shutil, "disk_usage")):
+    if hasattr(_owner, "_real_" + _name):
+        setattr(_owner, _name, getattr(_owner, "_real_" + _name))
+"""
+IMPORTS_END = 'pd.set_option("display.max_colwidth", 200)'  # the imports cell's last line'
+
+
+def inject(faults: dict | None) -> list:
+    """The edit that installs `faults` (see FAULTS) right after the notebook's imports."""
+    code = FAULTS.replace("SPEC, []", f"{faults!r}, []", 1)
+    return [replace(IMPORTS_END, IMPORTS_END + "\n" + code)] if faults else []

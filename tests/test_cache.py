@@ -15,7 +15,7 @@ def statuses(result) -> dict:
 
 
 def test_config_change_rebuilds_that_stage_and_downstream_only(live_kernel, warm_copy):
-    result = run_live(live_kernel, warm_copy, "pretrain", OVERRIDES={"VOCAB_SIZE": 350})
+    result = run_live(live_kernel, warm_copy, "pretrain", VOCAB_SIZE=350)
     assert statuses(result) == {
         "clean_corpus": "cached",
         "tokenizer": "built",
@@ -26,7 +26,7 @@ def test_config_change_rebuilds_that_stage_and_downstream_only(live_kernel, warm
     assert "upstream output of tokenizer changed" in result["stages"]["dataset"][1]
 
     # a knob set like papermill's -p wins over the smoke profile's 2 epochs (it used to lose)
-    result = run_live(live_kernel, warm_copy, "pretrain", EPOCHS=1, OVERRIDES={"VAL_FRACTION": 0.1})
+    result = run_live(live_kernel, warm_copy, "pretrain", EPOCHS=1, VAL_FRACTION=0.1)
     assert statuses(result) == {
         "clean_corpus": "cached",
         "tokenizer": "cached",

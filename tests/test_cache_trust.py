@@ -33,14 +33,15 @@ def test_code_keys_follow_helpers_transitively(live_kernel, warm_copy):
 def test_code_that_only_records_or_shows_never_rebuilds(live_kernel, warm_copy):
     # the MFU peak table, a log-table column, the meters, the figures and the report formatting
     functions = {
-        "epoch_table": 1,
+        "pretrain_results": 1,
         "md_table": 1,
-        "training_figures": 1,
+        "training_results": 1,
         "session_totals": 1,
         "on_log": 3,
         "peak_memory_gib": 1,
-        "write_json_atomic": 1,
+        "write_json": 1,
         "sessions": 1,
+        "plan_line": 1,
     }
     cosmetic = [insert_statement(name, EDITED, times) for name, times in functions.items()]
     cosmetic += [
@@ -53,11 +54,11 @@ def test_code_that_only_records_or_shows_never_rebuilds(live_kernel, warm_copy):
 
 
 def test_editing_the_optimizer_or_the_loss_retrains(live_kernel, warm_copy):
-    edits = [insert_statement(name, EDITED) for name in ("training_arguments", "training_step")]
+    edits = [insert_statement(name, EDITED) for name in ("trainer_arguments", "training_step")]
     result = run_live(live_kernel, warm_copy, "sft_model", edits=edits)
     built = {s for s, v in statuses(result).items() if v == "built"}
     assert built == {"pretrain", "sft_model"}, result["stages"]
-    assert "code of training_arguments changed" in result["stages"]["pretrain"][1]
+    assert "code of trainer_arguments changed" in result["stages"]["pretrain"][1]
     assert "MeteredSFTTrainer" in result["stages"]["sft_model"][1]
 
 
@@ -77,7 +78,8 @@ def test_two_concurrent_runs_share_each_build(cold_run, tmp_path):
     edits = [
         replace("        yield\n", hold),  # build_lock's one yield
         replace(
-            "    lock.acquire()\n", f"    Path({str(waiting)!r}).touch()\n    lock.acquire()\n"
+            "            lock.acquire()\n",
+            f"            Path({str(waiting)!r}).touch()\n            lock.acquire()\n",
         ),
     ]
 

@@ -39,7 +39,7 @@ def test_gpu_check_script_runs_end_to_end_on_cpu(tmp_path):
     assert sft["parameters"] > 4_800_000, (
         "the tiny model must keep Qwen2.5's 151,936-token vocabulary"
     )
-    assert sft["non_pad_tokens_per_second"] > 0 and 0 <= sft["padding_share"] < 0.5
+    assert sft["tokens_per_second"] > 0 and 0 <= sft["padding_share"] < 0.5
     assert sft["sampling"] == "group_by_length" and len(sft["eval_losses"]) == 2
     executed = json.loads((out / "LLM_Pretrain_SFT.executed.ipynb").read_text())
     assert any(c.get("outputs") for c in executed["cells"]), "the executed notebook has no outputs"

@@ -39,13 +39,14 @@ class Tokenizer:  # what llama_config reads of the pretraining tokenizer
 def nb():
     return definitions(
         "# The assignment's prompts", "# Defaults", "# Hardware", "# Training plan",
-        "# Figures: model FLOPs", "# Stage 4: the model config", "# Stage 4: the plan",
+        "# Figures: time over all sessions", "# Stage 4: the model config", "# Stage 4: the plan",
         "# Stage 7: the plan", "# Throughput", "# JSON files",
     )  # fmt: skip
 
 
 def full_profile(nb) -> dict:
-    return {k: v[0] if isinstance(v, tuple) else v for k, v in nb["DEFAULTS"].items()}
+    plain = {k: d[0] if isinstance(d, tuple) else d for k, (d, _) in nb["KNOBS"].items()}
+    return plain | {"DEV": nb["DEV_DEFAULTS"]}
 
 
 def qwen_config():

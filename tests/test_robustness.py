@@ -20,7 +20,7 @@ def test_a_short_training_run_finishes_with_na_figures(live_kernel, warm_copy, s
     assert metrics["optimizer_steps"] == steps and metrics["tokens_per_second"] is None
     assert metrics["n/a"]["tokens_per_second"].startswith("too few steps"), metrics["n/a"]
     sft = json.loads((warm_copy / "artifacts" / "sft" / "metrics.json").read_text())
-    assert sft["non_pad_tokens_per_second"] is None and "non_pad_tokens_per_second" in sft["n/a"]
+    assert sft["tokens_per_second"] is None and "tokens_per_second" in sft["n/a"]
     report = (warm_copy / "artifacts" / "report.md").read_text(encoding="utf-8")
     assert report.count(NA) >= 3, report  # pretraining tokens/s and MFU, SFT tokens/s
     assert f"throughput: {NA}" in result["text"]
@@ -75,7 +75,7 @@ def test_one_paragraph_per_file_keeps_the_share(live_kernel, tmp_path):
 def test_a_full_disk_stops_with_one_line_and_resumes_later(live_kernel, warm_copy):
     shutil.rmtree(warm_copy / "cache" / "pretrain")
     faults = {"disk_full_at_step": 20, "disk_free_gib": 0.0001}
-    result = run_live(live_kernel, warm_copy, "pretrain", FAULTS=faults)
+    result = run_live(live_kernel, warm_copy, "pretrain", faults=faults)
     message = one_line_error(result)
     partial = next((warm_copy / "cache" / "pretrain").glob("*.partial"))
     assert message.startswith(f"[pretrain] the disk is full: writing to {partial} failed with"), (

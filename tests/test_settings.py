@@ -6,7 +6,7 @@ import re
 
 import nbformat
 import pytest
-from conftest import NOTEBOOK, insert_statement, replace
+from conftest import NOTEBOOK, definitions, insert_statement, replace
 
 SETTINGS_CELL = "# Settings of this run"
 SHOW = "import json; print('CFG=' + json.dumps({k: [CFG[k], SOURCES[k]] for k in CFG}))"
@@ -26,74 +26,87 @@ def set_in_parameters_cell(assignments: dict) -> list:
 
 
 def test_what_you_set_wins_over_the_profile_both_ways(live_kernel):
-    # nothing set: the profile's values (cpu: 3 epochs, 2,400 blocks)
-    cfg = settings(live_kernel, {"PROFILE": "cpu"})
-    assert cfg["EPOCHS"] == [3, "profile cpu"] and cfg["TRAIN_BLOCKS"] == [2400, "profile cpu"]
-    assert cfg["WEIGHT_DECAY"] == [0.01, "default"]
-    # papermill -p (the injected cell) and an edit of the parameters cell both win
+    # papermill -p (the injected cell) and an edit of the parameters cell both win over the profile
     cfg = settings(live_kernel, {"PROFILE": "smoke", "EPOCHS": 1, "LEARNING_RATE": 0.01})
     assert cfg["EPOCHS"] == [1, "set by you"] and cfg["LEARNING_RATE"] == [0.01, "set by you"]
     edits = set_in_parameters_cell({"PROFILE": "cpu", "EPOCHS": 5, "SFT_MAX_STEPS": 4})
     cfg = settings(live_kernel, {}, edits=edits)
     assert cfg["PROFILE"][0] == "cpu" and cfg["EPOCHS"] == [5, "set by you"]
     assert cfg["SFT_MAX_STEPS"] == [4, "set by you"] and cfg["SFT_MICRO_BATCH"][0] == 2
-    # OVERRIDES is applied last, over both
-    cfg = settings(
-        live_kernel, {"PROFILE": "smoke", "EPOCHS": 1, "OVERRIDES": {"EPOCHS": 4}}, edits
-    )
-    assert cfg["EPOCHS"] == [4, "OVERRIDES"]
+    # papermill's value lands after the parameters cell: it wins over an edit of that cell
+    cfg = settings(live_kernel, {"EPOCHS": 1}, edits)
+    assert cfg["EPOCHS"] == [1, "set by you"] and cfg["PROFILE"][0] == "cpu"
 
 
-def test_the_settings_table_shows_what_differs_and_where_it_came_from(live_kernel):
-    result = live_kernel.run({"PROFILE": "cpu", "EPOCHS": 1}, until=SETTINGS_CELL)
-    table = result["cells"][-1]
+# Pure rules: the settings cells alone, in this process (no kernel, no notebook run)
+@pytest.fixture(scope="module")
+def nb():
+    return definitions("# The assignment's prompts", "# Defaults", "# Settings")
+
+
+def resolve(nb, **given) -> tuple[dict, dict]:
+    return nb["resolve_settings"](given, False)
+
+
+def test_nothing_set_takes_the_profile_and_the_table_says_where_from(nb):
+    cfg, sources = resolve(nb, PROFILE="cpu")
+    assert (cfg["EPOCHS"], sources["EPOCHS"]) == (3, "profile cpu") and cfg["TRAIN_BLOCKS"] == 2400
+    assert (cfg["WEIGHT_DECAY"], sources["WEIGHT_DECAY"]) == (0.01, "default")
+    assert resolve(nb)[0]["PROFILE"] == "cpu", "no CUDA: the cpu profile"
+    assert nb["resolve_settings"]({}, True)[0]["PROFILE"] == "full"
+    cfg, sources = resolve(nb, PROFILE="cpu", EPOCHS=1, DEV={"SFT_PACKING": True})
+    assert cfg["DEV"]["SFT_PACKING"] is True and cfg["DEV"]["SFT_LEAN_LOSS"] is True
+    table = nb["settings_table"](cfg, sources).to_string()
     assert re.search(r"EPOCHS\s+1\s+set by you\s+10", table), table
     assert re.search(r"TRAIN_BLOCKS\s+2400\s+profile cpu\s+'all'", table), table
     assert "WEIGHT_DECAY" not in table, "a knob at its plain default is listed"
 
 
-def stops(live_kernel, parameters: dict) -> str:
-    """The one line a bad setting stops the run with, at the settings cell."""
-    result = live_kernel.run(parameters, until=SETTINGS_CELL)
-    error = result["error"]
-    assert error and error["ename"] == "UserError", (parameters, error)
-    assert len(error["traceback"]) == 1, error["traceback"]
-    return error["evalue"]
+def stops(nb, **given) -> str:
+    """The one line a bad setting stops the run with."""
+    with pytest.raises(nb["UserError"]) as caught:
+        resolve(nb, **given)
+    return str(caught.value)
 
 
-def test_a_misspelled_knob_or_stage_stops_with_the_closest_name(live_kernel):
-    smoke = {"PROFILE": "smoke"}
-    assert stops(live_kernel, smoke | {"EPOCS": 1}).startswith(
-        "EPOCS is not a knob (did you mean EPOCHS?)"
-    )
-    message = stops(live_kernel, smoke | {"FORCE": ["tokeniser"]})
+def test_a_misspelled_knob_stage_or_switch_stops_with_the_closest_name(nb):
+    assert stops(nb, EPOCS=1).startswith("EPOCS is not a knob (did you mean EPOCHS?)")
+    message = stops(nb, FORCE=["tokeniser"])
     assert "FORCE: 'tokeniser' is not a stage (did you mean tokenizer?)" in message
-    message = stops(live_kernel, smoke | {"OVERRIDES": {"LEARNING_RAT": 0.1}})
-    assert "OVERRIDES key LEARNING_RAT is not a knob (did you mean LEARNING_RATE?)" in message
+    assert "DEV: 'SFT_PACKIN' is not a developer switch (did you mean SFT_PACKING?)" in stops(
+        nb, DEV={"SFT_PACKIN": True}
+    )
 
 
 @pytest.mark.parametrize(
-    ("parameters", "expected"),
+    ("given", "expected"),
     [
-        ({"VAL_FRACTION": "lots"}, "VAL_FRACTION = 'lots' (set by you): expected a number > 0"),
-        (
-            {"VAL_FRACTION": 1.5},
-            "VAL_FRACTION = 1.5 (set by you): expected a number > 0 and <= 0.5",
-        ),
+        ({"VAL_FRACTION": "lots"}, "VAL_FRACTION = 'lots' (set by you): expected a number > 0 and <= 0.5"),
+        ({"VAL_FRACTION": 1.5}, "VAL_FRACTION = 1.5 (set by you): expected a number > 0 and <= 0.5"),
+        ({"VAL_FRACTION": 0}, "VAL_FRACTION = 0 (set by you): expected a number > 0"),
         ({"EPOCHS": -1}, "EPOCHS = -1 (set by you): expected an integer >= 1"),
-        ({"SFT_SAMPLING": "shuffled"}, "SFT_SAMPLING = 'shuffled' (set by you): expected"),
-        (
-            {"PROFILE": "gpu"},
-            "PROFILE = 'gpu' (set by you): expected one of 'full', 'cpu', 'smoke'",
-        ),
-        ({"OVERRIDES": {"EPOCHS": 2.5}}, "EPOCHS = 2.5 (OVERRIDES): expected an integer >= 1"),
+        ({"EPOCHS": 2.5}, "EPOCHS = 2.5 (set by you): expected an integer >= 1"),
+        ({"MAX_STEPS": 0}, "MAX_STEPS = 0 (set by you): expected -1 or an integer >= 1"),
+        ({"TORCH_COMPILE": "yes"}, "TORCH_COMPILE = 'yes' (set by you): expected 'auto' or True or False"),
+        ({"LR_SCHEDULER": "wavy"}, "LR_SCHEDULER = 'wavy' (set by you): expected 'linear' or 'cosine' or"),
+        ({"PROFILE": "gpu"}, "PROFILE = 'gpu' (set by you): expected 'auto' or 'full' or 'cpu' or 'smoke'"),
+        ({"SFT_QUESTIONS": []}, "SFT_QUESTIONS = [] (set by you): expected a non-empty list"),
+        ({"DEV": {"SFT_PACKING": "yes"}}, "DEV = {'SFT_PACKING': 'yes'} (set by you): expected a dict"),
         ({"MODEL_HIDDEN": 65}, "MODEL_HIDDEN = 65 must be a multiple of MODEL_HEADS = 2"),
     ],
-)
-def test_a_bad_value_stops_before_any_stage_runs(live_kernel, tmp_path, parameters, expected):
+)  # fmt: skip
+def test_a_bad_value_stops_with_what_the_knob_accepts(nb, given, expected):
+    assert stops(nb, **({"PROFILE": "smoke"} | given)).startswith(expected)
+
+
+def test_a_bad_value_stops_the_notebook_before_any_stage_runs(live_kernel, tmp_path):
     cache = tmp_path / "cache"
-    message = stops(live_kernel, {"PROFILE": "smoke", "CACHE_DIR": str(cache)} | parameters)
-    assert message.startswith(expected), message
+    result = live_kernel.run(
+        {"PROFILE": "smoke", "CACHE_DIR": str(cache), "EPOCHS": 0}, until=SETTINGS_CELL
+    )
+    error = result["error"]
+    assert error and error["ename"] == "UserError" and len(error["traceback"]) == 1, error
+    assert error["evalue"].startswith("EPOCHS = 0 (set by you): expected an integer >= 1")
     assert not cache.exists(), "something was built before the settings were checked"
 
 
@@ -111,7 +124,7 @@ def test_a_build_reading_a_setting_outside_its_key_is_caught(
     live_kernel, cold_run, tmp_path, function, statement, expected
 ):
     workdir, _ = cold_run
-    parameters = {"PROFILE": "smoke", "DATA_DIR": str(workdir / "data"),
+    parameters = {"PROFILE": "smoke", "CORPUS_DIR": str(workdir / "data" / "corpus"),
                   "CACHE_DIR": str(tmp_path / "cache"), "ARTIFACTS_DIR": str(tmp_path / "art")}  # fmt: skip
     result = live_kernel.run(parameters, until="# Stage 2: train the tokenizer",
                              edits=[insert_statement(function, statement)])  # fmt: skip

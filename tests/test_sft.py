@@ -9,7 +9,7 @@ import torch
 import transformers
 from conftest import (
     SFT_PAIRS,
-    log_history,
+    assert_resumed_like,
     one_line_error,
     run_live,
     run_notebook,
@@ -118,24 +118,21 @@ def test_unreachable_or_missing_model_is_a_clear_error(live_kernel, warm_copy):
     assert f"{empty} has no config.json" in one_line_error(result)
 
 
-@pytest.mark.parametrize("where", ["epoch end"])  # mid-epoch: test_pause.py (signals)
-def test_killed_sft_resumes_exactly(cold_run, warm_copy, where):
+def test_killed_sft_resumes_exactly(cold_run, warm_copy):
+    """Killed mid-epoch, right after checkpoint 3 (SAVE_STEPS: a runtime setting, same key)."""
     workdir, _ = cold_run
     shutil.rmtree(warm_copy / "cache" / "sft_model")  # pretraining stays cached: only SFT trains
-    # smoke SFT epochs are 5 steps: checkpoint 10 ends epoch 2; with SFT_SAVE_STEPS=3 (a runtime
-    # setting: same key, same log history) checkpoint 3 is mid-epoch
-    stop, saves = (10, {}) if where == "epoch end" else (3, {"SFT_SAVE_STEPS": 3})
     with pytest.raises((DeadKernelError, PapermillExecutionError)):  # killed after that checkpoint
-        run_notebook(warm_copy, "sft-killed", FAULTS={"kill_after_checkpoint": stop}, **saves)
+        run_notebook(warm_copy, "sft-killed", faults={"kill_after_checkpoint": 3}, SAVE_STEPS=3)
     partial = next((warm_copy / "cache" / "sft_model").glob("*.partial"))
-    assert (partial / "checkpoints" / f"checkpoint-{stop}").is_dir()
+    assert (partial / "checkpoints" / "checkpoint-3").is_dir()
 
-    resumed = run_notebook(warm_copy, "sft-resumed", **saves)
+    resumed = run_notebook(warm_copy, "sft-resumed", SAVE_STEPS=3)
     assert "resuming an interrupted build" in resumed["stages"]["sft_model"][1]
-    assert f"resuming from checkpoint-{stop}" in resumed["text"]
+    assert "resuming from checkpoint-3" in resumed["text"]
     assert "missing keys" not in resumed["text"], "tied weights reported as missing"
-    reference = workdir / "cache"  # the uninterrupted run, which saved every 10 steps
-    assert log_history(warm_copy / "cache", "sft_model") == log_history(reference, "sft_model")
+    reference = workdir / "cache"  # the uninterrupted run
+    assert_resumed_like(warm_copy / "cache", reference, "sft_model", 3)
     ours, theirs = (stage_dir(c, "sft_model") for c in (warm_copy / "cache", reference))
     assert json.loads((ours / "answers.json").read_text()) == json.loads(
         (theirs / "answers.json").read_text()

@@ -58,7 +58,7 @@ def main() -> None:
         f"optimizer step, peak memory {pre.get('peak_memory_gib')} GiB, torch.compile "
         f"{pre.get('compile')}",
         f"- SFT (a random-weight Qwen2.5-0.5B-shaped stand-in: its answers are noise, only its speed "
-        f"counts): {figure(sft.get('non_pad_tokens_per_second'), ',.0f')} non-pad tokens/s, MFU "
+        f"counts): {figure(sft.get('tokens_per_second'), ',.0f')} non-pad tokens/s, MFU "
         f"{figure(sft.get('mfu'), '.1%')}, padding {figure(sft.get('padding_share'), '.1%')}, "
         f"phase seconds {sft.get('seconds')}",
         "",

@@ -82,11 +82,11 @@ shape=qwen2.5-0.5b rows=51760 profile=full
 overrides="{MAX_STEPS: $pretrain_steps, SFT_MAX_STEPS: $sft_steps}"
 [ "$mode" = cpu ] && overrides="{MAX_STEPS: $pretrain_steps, SFT_MAX_STEPS: $sft_steps, \
 SFT_MAX_LENGTH: 256, SFT_EFFECTIVE_BATCH: 4, SFT_MICRO_BATCH: 4, SFT_EVAL_ROWS: 8}"
-step "notebook: PROFILE=$profile OVERRIDES=$overrides (budget ${budget}s)"
+step "notebook: PROFILE=$profile $overrides (budget ${budget}s)"
 timeout --signal=INT --kill-after=20 "$budget" "$py" -m papermill --no-progress-bar --log-output \
   -k python3 notebooks/LLM_Pretrain_SFT.ipynb "$out/LLM_Pretrain_SFT.executed.ipynb" \
-  -p PROFILE "$profile" -p DATA_DIR "$work/data" -p CACHE_DIR "$work/cache" \
-  -p ARTIFACTS_DIR "$work/artifacts" -p SFT_BASE_MODEL "$work/qwen" -y "OVERRIDES: $overrides"
+  -p PROFILE "$profile" -p CORPUS_DIR "$work/data/corpus" -p SFT_DATA_DIR "$work/data/alpaca-cleaned-ru" \
+  -p CACHE_DIR "$work/cache" -p ARTIFACTS_DIR "$work/artifacts" -p SFT_BASE_MODEL "$work/qwen" -y "$overrides"
 status=$?
 step "notebook exit status $status"
 
@@ -103,20 +103,19 @@ cp "$work/artifacts/pretrain/loss_curve.png" "$work/artifacts/pretrain/metrics.j
 
 # 6. optional: speed levers, each flipped in a short re-run of one training stage (the rest cached)
 declare -A lever=(
-  [p-base]="{}" [p-sync]="{HOST_SYNC_EVERY_STEP: true}" [p-nocompile]="{TORCH_COMPILE: false}"
-  [p-micro32]="{MICRO_BATCH: 32}" [p-liger]="{PRETRAIN_LIGER: true}"
-  [p-autotune]="{COMPILE_MODE: max-autotune-no-cudagraphs}"
-  [s-base]="{}" [s-before]="{SFT_LEAN_LOSS: false, HOST_SYNC_EVERY_STEP: true, SFT_COMPILE: 'off', SFT_MICRO_BATCH: 32}"
-  [s-trl-loss]="{SFT_LEAN_LOSS: false}" [s-nocompile]="{SFT_COMPILE: 'off'}"
-  [s-packed]="{SFT_PACKING: true}" [s-micro32]="{SFT_MICRO_BATCH: 32}" [s-liger]="{SFT_LIGER: true}"
-  [s-random]="{SFT_SAMPLING: random}" [s-syncs]="{COUNT_HOST_SYNCS: true}"
-  [s-syncs-before]="{COUNT_HOST_SYNCS: true, SFT_LEAN_LOSS: false, HOST_SYNC_EVERY_STEP: true}"
+  [p-base]="{}" [p-sync]="{DEV: {HOST_SYNC_EVERY_STEP: true}}" [p-nocompile]="{TORCH_COMPILE: false}"
+  [p-micro32]="{MICRO_BATCH: 32}" [p-liger]="{DEV: {LIGER: true}}"
+  [p-autotune]="{DEV: {COMPILE_MODE: max-autotune-no-cudagraphs}}"
+  [s-base]="{}" [s-before]="{DEV: {SFT_LEAN_LOSS: false, HOST_SYNC_EVERY_STEP: true, SFT_COMPILE: 'off'}, SFT_MICRO_BATCH: 32}"
+  [s-trl-loss]="{DEV: {SFT_LEAN_LOSS: false}}" [s-nocompile]="{DEV: {SFT_COMPILE: 'off'}}"
+  [s-packed]="{DEV: {SFT_PACKING: true}}" [s-micro32]="{SFT_MICRO_BATCH: 32}" [s-liger]="{DEV: {LIGER: true}}"
+  [s-random]="{DEV: {SFT_SAMPLING: random}}"
 )
 case "$levers" in
   0) names=() ;;
-  all) names=(p-base p-sync p-nocompile p-micro32 p-liger s-base s-before s-trl-loss s-nocompile s-packed s-micro32 s-liger s-syncs s-syncs-before) ;;
+  all) names=(p-base p-sync p-nocompile p-micro32 p-liger s-base s-before s-trl-loss s-nocompile s-packed s-micro32 s-liger s-random) ;;
   pretrain) names=(p-base p-sync p-nocompile p-micro32 p-liger) ;;
-  sft) names=(s-base s-before s-trl-loss s-nocompile s-packed s-micro32 s-liger s-syncs s-syncs-before) ;;
+  sft) names=(s-base s-before s-trl-loss s-nocompile s-packed s-micro32 s-liger s-random) ;;
   *) IFS=, read -r -a names <<< "$levers" ;;
 esac
 main="MAX_STEPS: $pretrain_steps, SFT_MAX_STEPS: $sft_steps"
@@ -135,9 +134,9 @@ for name in "${names[@]}"; do
   step "lever $name $variant"
   timeout --signal=INT --kill-after=20 "$budget" "$py" -m papermill --no-progress-bar \
     -k python3 notebooks/LLM_Pretrain_SFT.ipynb "$work/lever.ipynb" \
-    -p PROFILE "$profile" -p DATA_DIR "$work/data" -p CACHE_DIR "$work/cache" \
+    -p PROFILE "$profile" -p CORPUS_DIR "$work/data/corpus" -p SFT_DATA_DIR "$work/data/alpaca-cleaned-ru" -p CACHE_DIR "$work/cache" \
     -p ARTIFACTS_DIR "$work/artifacts" -p SFT_BASE_MODEL "$work/qwen" \
-    -y "{FORCE: [$force], OVERRIDES: {$runs${extra:+, $extra}}}" > "$work/lever.log" 2>&1
+    -y "{FORCE: [$force], $runs${extra:+, $extra}}" > "$work/lever.log" 2>&1
   "$py" tests/gpu/summarize.py "$work/cache" "$work/lever.ipynb" "$?" 0 --brief "$name $variant" \
     | tee -a "$out/levers.jsonl"
 done

@@ -81,7 +81,7 @@ def main() -> None:
             summary[stage]["predicted_vs_measured"] = {
                 "peak_memory_gib": [predicted.get("predicted_peak_gib"), metrics.get("peak_memory_gib")],
                 "seconds": [predicted.get("expected_seconds"),
-                            round(metrics.get("train_seconds", 0) + metrics.get("eval_seconds", 0))],
+                            round(metrics.get("train_seconds", 0) + metrics.get("eval_seconds", 0), 1)],
             }  # fmt: skip
             if losses:
                 summary[stage]["perplexity_reached"] = round(math.exp(losses[-1]["eval_loss"]), 2)
@@ -94,10 +94,10 @@ def main() -> None:
         brief = {"lever": sys.argv[sys.argv.index("--brief") + 1], "error": summary["error"]}
         for prefix, metrics, keys in (
             ("pretrain", pre, ("tokens_per_second", "step_seconds_median", "mfu", "peak_memory_gib",
-                               "compile", "host syncs per step", "plan", "predicted_vs_measured")),
-            ("sft", sft, ("non_pad_tokens_per_second", "step_seconds_median", "mfu", "peak_memory_gib",
+                               "compile", "plan", "predicted_vs_measured")),
+            ("sft", sft, ("tokens_per_second", "step_seconds_median", "mfu", "peak_memory_gib",
                           "padding_share", "micro_batch", "gradient_accumulation", "compile",
-                          "host syncs per step", "packed loss check", "seconds", "plan",
+                          "packed loss check", "seconds", "plan",
                           "predicted_vs_measured")),
         ):  # fmt: skip
             brief |= {f"{prefix} {k}": metrics.get(k) for k in keys}
