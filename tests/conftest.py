@@ -663,3 +663,9 @@ def inject(faults: dict | None) -> list:
     """The edit that installs `faults` (see FAULTS) right after the notebook's imports."""
     code = FAULTS.replace("SPEC, []", f"{faults!r}, []", 1)
     return [replace(IMPORTS_END, IMPORTS_END + "\n" + code)] if faults else []
+
+
+def pytest_collection_modifyitems(items):
+    """The GPU check's CPU run (the longest test, with fixtures of its own) goes first: with
+    `--dist worksteal` one worker runs it while the other builds the shared cold run."""
+    items.sort(key=lambda item: "test_gpu_check" not in item.nodeid)

@@ -83,8 +83,8 @@ def test_two_concurrent_runs_share_each_build(cold_run, tmp_path):
         ),
     ]
 
-    def run(name):  # up to pretraining: two runs that need the same stages
-        return run_notebook(tmp_path, name, until="pretrain", edits=edits)
+    def run(name):  # up to the packed dataset: two runs that need the same stages
+        return run_notebook(tmp_path, name, until="dataset", edits=edits)
 
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(run, "first")

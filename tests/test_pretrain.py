@@ -95,12 +95,12 @@ def test_killed_training_resumes_exactly(cold_run, tmp_path):
     )
     stop = steps_per_epoch(workdir / "cache")
     with pytest.raises((DeadKernelError, PapermillExecutionError)):  # the kernel dies after it
-        run_notebook(tmp_path, "killed", faults={"kill_after_checkpoint": stop})
+        run_notebook(tmp_path, "killed", until="pretrain", faults={"kill_after_checkpoint": stop})
     partial = next((tmp_path / "cache" / "pretrain").glob("*.partial"))
     assert (partial / "checkpoints" / f"checkpoint-{stop}").is_dir()
     assert not list((tmp_path / "cache" / "pretrain").glob("*/manifest.json"))
 
-    resumed = run_notebook(tmp_path, "resumed")
+    resumed = run_notebook(tmp_path, "resumed", until="pretrain")
     status, why = resumed["stages"]["pretrain"]
     assert status.startswith("built") and "resuming an interrupted build" in why
     assert f"resuming from checkpoint-{stop}" in resumed["text"]
@@ -112,5 +112,5 @@ def test_killed_training_resumes_exactly(cold_run, tmp_path):
         (theirs / "generations.json").read_text()
     )
     assert len(json.loads((ours / "sessions.json").read_text())) == 2
-    metrics = json.loads((tmp_path / "artifacts" / "pretrain" / "metrics.json").read_text())
-    assert metrics["sessions"] == 2 and metrics["train_seconds"] > 0
+    sessions = json.loads((ours / "sessions.json").read_text())
+    assert all(s["wall_seconds"] > 0 for s in sessions), sessions

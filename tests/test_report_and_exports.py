@@ -75,7 +75,7 @@ def model_with_template(tiny_qwen, folder, template):
 
 def test_a_non_qwen_chatml_model_trains_assistant_only(live_kernel, warm_copy, tiny_qwen):
     model = model_with_template(tiny_qwen, warm_copy / "smollm-like", SMOLLM2_TEMPLATE)
-    result = run_live(live_kernel, warm_copy, SFT_BASE_MODEL=str(model))
+    result = run_live(live_kernel, warm_copy, SFT_BASE_MODEL=str(model), SFT_MAX_STEPS=2)
     assert result["error"] is None, result["error"]
 
     def built(stage):  # this run's build (the fixture's Qwen build is there too)
