@@ -43,3 +43,14 @@ def test_gpu_check_script_runs_end_to_end_on_cpu(tmp_path):
     assert sft["sampling"] == "group_by_length" and len(sft["eval_losses"]) == 2
     executed = json.loads((out / "LLM_Pretrain_SFT.executed.ipynb").read_text())
     assert any(c.get("outputs") for c in executed["cells"]), "the executed notebook has no outputs"
+
+    # the results page a GPU run becomes (tests/gpu/results.py), from this run's output
+    page = tmp_path / "page" / "RESULTS.md"
+    page.parent.mkdir()
+    made = subprocess.run([sys.executable, "tests/gpu/results.py", str(out), str(page)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert made.returncode == 0, made.stderr[-3000:]
+    text = page.read_text(encoding="utf-8")
+    assert "val perplexity" in text and "(missing" not in text, text
+    assert "](pretrain/" not in text, "a plot link relative to artifacts/ does not resolve here"
+    assert (page.parent / "results_pretrain_loss_curve.png").stat().st_size > 1000

@@ -15,7 +15,10 @@ from pathlib import Path
 def section(report: str, title: str) -> str:
     """One `## title` section of the notebook's report.md, without its heading."""
     match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", report, re.M | re.S)
-    return match.group(1).strip() if match else "(missing: the run did not get this far)"
+    if not match:
+        return "(missing: the run did not get this far)"
+    # the report's plot links are relative to artifacts/: this page links its own copy
+    return re.sub(r"^!\[.*\n+", "", match.group(1), flags=re.M).strip()
 
 
 def figure(value, spec: str = "", missing: str = "n/a") -> str:
