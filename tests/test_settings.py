@@ -8,7 +8,7 @@ import nbformat
 import pytest
 from conftest import NOTEBOOK, definitions, insert_statement, replace
 
-SETTINGS_CELL = "# Settings of this run"
+SETTINGS_CELL = "# This run"
 SHOW = "import json; print('CFG=' + json.dumps({k: [CFG[k], SOURCES[k]] for k in CFG}))"
 
 
