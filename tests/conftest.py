@@ -487,16 +487,19 @@ class LiveKernel:
         """Outputs of each executed cell and the error (ename, evalue, traceback) if one stopped it.
         `edits`: see apply_edits; `faults`: see inject; `after`: more code to run at the end;
         reset=False runs the cells again in the namespace left by the previous run."""
-        from nbclient.exceptions import CellExecutionError
-
         cells = [c for c in self.source.cells if c.cell_type == "code"]
         stop = next(i for i, c in enumerate(cells) if c.source.startswith(until))
         sources = apply_edits([c.source for c in cells], [*edits, *inject(faults)])[: stop + 1]
-        injected = "\n".join(f"{k} = {v!r}" for k, v in parameters.items())
-        reset_cell = (
-            "get_ipython().run_line_magic('reset', '-f')\n" + UNDO_FAULTS if reset else "pass"
-        )
-        sources = [reset_cell, sources[0], injected, *sources[1:], *after]
+        injected = "# Parameters\n" + "\n".join(f"{k} = {v!r}" for k, v in parameters.items())
+        reset_cell = RESET if reset else "pass"
+        return self.run_cells([reset_cell, sources[0], injected, *sources[1:], *after])
+
+    def run_cells(self, sources: list[str]) -> dict:
+        """Execute these cells in the kernel as it is, as a student re-runs cells in JupyterLab:
+        each cell's outputs, the error that stopped them (ename, evalue, traceback) and the stage
+        lines."""
+        from nbclient.exceptions import CellExecutionError
+
         texts, error = [], None
         self.client.nb.cells = [nbformat.v4.new_code_cell(source) for source in sources]
         for index, cell in enumerate(self.client.nb.cells):
@@ -657,6 +660,7 @@ for _owner, _name in ((transformers.Trainer, "train"), (transformers.Trainer, "_
         setattr(_owner, _name, getattr(_owner, "_real_" + _name))
 """
 IMPORTS_END = 'pd.set_option("display.max_colwidth", 200)'  # the imports cell's last line'
+RESET = "get_ipython().run_line_magic('reset', '-f')\n" + UNDO_FAULTS  # a fresh namespace
 
 
 def inject(faults: dict | None) -> list:
