@@ -439,7 +439,7 @@ def one_line_error(err) -> str:
     if isinstance(err, dict):
         assert err["error"], "the run did not stop"
         err = SimpleNamespace(**err["error"])
-    assert err.ename in ("UserError", "CorpusError", "Paused"), (err.ename, err.evalue)
+    assert err.ename in ("UserError", "CorpusError", "Paused", "Diverged"), (err.ename, err.evalue)
     assert len(err.traceback) == 1 and "\n" not in err.traceback[0].rstrip("\n"), err.traceback
     return err.evalue
 
@@ -587,13 +587,14 @@ def definitions(*titles: str) -> dict:
 # Test hooks live here, not in the notebook: `faults` patches the Trainer in the kernel right after
 # the imports (library code: the stage keys stay the same). {"signal_at_step": ["SIGINT", N]}: the
 # signal arrives during step N; "second_signal_in_save": again while that checkpoint is written;
-# {"disk_full_at_step": N}: checkpoint N meets a full disk; {"disk_free_gib": G}: the disk reports
+# {"disk_full_at_step": N}: checkpoint N meets a full disk; {"nan_loss_at_step": N}: the training
+# loss is NaN from step N on (pretraining's Trainer.compute_loss); {"disk_free_gib": G}: the disk reports
 # G GiB free; {"kill_after_checkpoint": N}: the process dies right after checkpoint N is complete;
 # {"count_host_syncs": PATH}: the calls that would wait for a GPU (item, tolist, bool), counted
 # per optimizer step (the optimizer's own excepted) and written to PATH as {stage: [counts]}.
 FAULTS = """
 import json, os, shutil, signal, sys, safetensors, torch, transformers
-for _owner, _name in ((transformers.Trainer, "train"), (transformers.Trainer, "_save_checkpoint"), (shutil, "disk_usage")):
+for _owner, _name in ((transformers.Trainer, "train"), (transformers.Trainer, "_save_checkpoint"), (transformers.Trainer, "compute_loss"), (shutil, "disk_usage")):
     if not hasattr(_owner, "_real_" + _name):
         setattr(_owner, "_real_" + _name, getattr(_owner, _name))
 _SPEC, _SENT = SPEC, []
@@ -649,13 +650,22 @@ def _save_checkpoint(self, model, trial):
     return transformers.Trainer._real__save_checkpoint(self, model, trial)
 
 
+def _compute_loss(self, model, inputs, *args, **kwargs):
+    loss = transformers.Trainer._real_compute_loss(self, model, inputs, *args, **kwargs)
+    step = _SPEC.get("nan_loss_at_step")
+    if step is not None and model.training and self.state.global_step + 1 >= step:
+        loss = loss * float("nan")
+    return loss
+
+
 transformers.Trainer.train, transformers.Trainer._save_checkpoint = _train, _save_checkpoint
+transformers.Trainer.compute_loss = _compute_loss
 if "disk_free_gib" in _SPEC:
     shutil.disk_usage = lambda p: shutil._real_disk_usage(p)._replace(free=int(_SPEC["disk_free_gib"] * 2**30))
 """
 UNDO_FAULTS = """
 import shutil, transformers
-for _owner, _name in ((transformers.Trainer, "train"), (transformers.Trainer, "_save_checkpoint"), (shutil, "disk_usage")):
+for _owner, _name in ((transformers.Trainer, "train"), (transformers.Trainer, "_save_checkpoint"), (transformers.Trainer, "compute_loss"), (shutil, "disk_usage")):
     if hasattr(_owner, "_real_" + _name):
         setattr(_owner, _name, getattr(_owner, "_real_" + _name))
 """

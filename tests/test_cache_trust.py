@@ -31,13 +31,15 @@ def test_code_keys_follow_helpers_transitively(live_kernel, warm_copy):
 
 
 def test_code_that_only_records_or_shows_never_rebuilds(live_kernel, warm_copy):
-    # the MFU peak table, a log-table column, the meters, the figures and the report formatting
+    # the MFU peak table, a log-table column, the meters, the divergence check, where a stage ran,
+    # the figures and the report formatting
     functions = {
         "pretrain_results": 1,
         "md_table": 1,
         "training_results": 1,
         "session_totals": 1,
-        "on_log": 3,
+        "on_log": 4,
+        "trained_on": 1,
         "peak_memory_gib": 1,
         "write_json": 1,
         "sessions": 1,

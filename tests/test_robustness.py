@@ -4,10 +4,11 @@ tokens whatever the paragraph sizes, a full disk and missing inputs stop with on
 import json
 import re
 import shutil
+from types import SimpleNamespace
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import one_line_error, paragraph, run_live, stage_dir, write_corpus
+from conftest import definitions, one_line_error, paragraph, run_live, stage_dir, write_corpus
 
 NA = "n/a (too few steps"
 
@@ -75,8 +76,8 @@ def test_one_paragraph_per_file_keeps_the_share(live_kernel, tmp_path):
 
 def test_a_full_disk_stops_with_one_line_and_resumes_later(live_kernel, warm_copy):
     shutil.rmtree(warm_copy / "cache" / "pretrain")
-    faults = {"disk_full_at_step": 20, "disk_free_gib": 0.0001}
-    result = run_live(live_kernel, warm_copy, "pretrain", faults=faults)
+    faults = {"disk_full_at_step": 20, "disk_free_gib": 0.0001}  # a checkpoint every step
+    result = run_live(live_kernel, warm_copy, "pretrain", faults=faults, SAVE_MINUTES=0)
     message = one_line_error(result)
     partial = next((warm_copy / "cache" / "pretrain").glob("*.partial"))
     assert message.startswith(f"[pretrain] the disk is full: writing to {partial} failed with"), (
@@ -89,7 +90,7 @@ def test_a_full_disk_stops_with_one_line_and_resumes_later(live_kernel, warm_cop
     assert "training needs about" in result["text"] and "GiB free" in result["text"]
     assert not list((warm_copy / "cache" / "pretrain").glob("*/manifest.json"))
     resumed = run_live(live_kernel, warm_copy, "pretrain")
-    assert "resuming from checkpoint-10" in resumed["text"] and resumed["error"] is None
+    assert "resuming from checkpoint-19" in resumed["text"] and resumed["error"] is None
 
 
 def test_missing_inputs_say_where_they_looked_and_what_is_there(live_kernel, tmp_path):
@@ -118,3 +119,42 @@ def test_sft_data_in_another_format_is_named(live_kernel, warm_copy):
     assert message.startswith(f"No *.parquet files under {folder}: it holds train.jsonl (save it as "
                               "parquet: pd.read_json(path, lines=True).to_parquet(...))")  # fmt: skip
     assert "set SFT_DATA_DIR" in message
+
+
+def test_a_diverged_training_stops_with_one_line_and_publishes_nothing(live_kernel, warm_copy):
+    """A NaN injected into the loss from step 3 on: the log line of step 10 stops the stage."""
+    shutil.rmtree(warm_copy / "cache" / "pretrain")
+    result = run_live(live_kernel, warm_copy, "pretrain", faults={"nan_loss_at_step": 3})
+    message = one_line_error(result)
+    partial = next((warm_copy / "cache" / "pretrain").glob("*.partial"))
+    assert message.startswith(
+        f"[pretrain] training diverged: the training loss is nan at step 10 (fp32; nothing "
+        f"published, checkpoints kept in {partial}): try a lower LEARNING_RATE (now 0.003)"
+    ), message
+    assert not list((warm_copy / "cache" / "pretrain").glob("*/manifest.json"))
+
+
+def test_fp16_skipping_every_step_of_a_log_interval_is_divergence():
+    """The rule alone (a CPU has no fp16 loss scaler): the first step's skip is the scaler's
+    calibration; a whole interval skipped is not training at all. An eval loss of inf stops too."""
+    nb = definitions("# Training: where an epoch ends", "# Training: a diverged run")
+    meter, state = SimpleNamespace(skipped=0), SimpleNamespace(global_step=0)
+    args = SimpleNamespace(output_dir="/cache/sft_model/key.partial/checkpoints")
+    stop = nb["StopOnDivergence"](
+        "sft_model", meter, {"precision": "fp16", "SFT_LEARNING_RATE": 2e-5}
+    )
+    stop.on_train_begin(args, state, None)
+    for step, skipped in ((1, 1), (10, 5), (20, 6)):  # the first step, then 4 of 9, then 1 of 10
+        meter.skipped, state.global_step = skipped, step
+        stop.on_log(args, state, None, logs={"loss": 2.0})
+    meter.skipped, state.global_step = 16, 30
+    with pytest.raises(nb["Diverged"]) as caught:
+        stop.on_log(args, state, None, logs={"loss": 2.0})
+    assert str(caught.value) == (
+        "[sft_model] training diverged: fp16's loss scaler skipped all 10 optimizer steps up to "
+        "step 30, gradients overflow at any scale (fp16; nothing published, checkpoints kept in "
+        "/cache/sft_model/key.partial): try a lower SFT_LEARNING_RATE (now 2e-05), a longer "
+        "SFT_WARMUP_RATIO or a smaller SFT_MAX_GRAD_NORM (a changed knob trains anew)"
+    )
+    with pytest.raises(nb["Diverged"], match="the evaluation loss is inf at step 30"):
+        stop.on_log(args, state, None, logs={"eval_loss": float("inf")})

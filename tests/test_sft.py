@@ -119,7 +119,8 @@ def test_unreachable_or_missing_model_is_a_clear_error(live_kernel, warm_copy):
 
 
 def test_killed_sft_resumes_exactly(cold_run, warm_copy):
-    """Killed mid-epoch, right after checkpoint 3 (SAVE_STEPS: a runtime setting, same key)."""
+    """Killed mid-epoch, right after checkpoint 3 (SAVE_MINUTES=0: a checkpoint every step; a
+    runtime setting, so the same key; the resumed run checkpoints at the default interval)."""
     workdir, _ = cold_run
     shutil.rmtree(warm_copy / "cache" / "sft_model")  # pretraining stays cached: only SFT trains
     with pytest.raises((DeadKernelError, PapermillExecutionError)):  # killed after that checkpoint
@@ -128,12 +129,12 @@ def test_killed_sft_resumes_exactly(cold_run, warm_copy):
             "sft-killed",
             until="sft_model",
             faults={"kill_after_checkpoint": 3},
-            SAVE_STEPS=3,
+            SAVE_MINUTES=0,
         )
     partial = next((warm_copy / "cache" / "sft_model").glob("*.partial"))
     assert (partial / "checkpoints" / "checkpoint-3").is_dir()
 
-    resumed = run_notebook(warm_copy, "sft-resumed", until="sft_model", SAVE_STEPS=3)
+    resumed = run_notebook(warm_copy, "sft-resumed", until="sft_model")
     assert "resuming an interrupted build" in resumed["stages"]["sft_model"][1]
     assert "resuming from checkpoint-3" in resumed["text"]
     assert "missing keys" not in resumed["text"], "tied weights reported as missing"
