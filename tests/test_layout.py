@@ -75,3 +75,19 @@ def test_a_build_reaches_only_machinery_its_section_and_the_toolkit(notebook, st
     assert None not in sections.values(), [n for n, s in sections.items() if s is None]
     foreign = {name: s for name, s in sections.items() if s not in SHARED | {own}}
     assert not foreign, f"{stage} ({own}) reaches into other sections: {foreign}"
+
+
+def test_every_section_the_text_calls_folded_is_folded_when_jupyterlab_opens_it():
+    """JupyterLab opens a heading cell with `jp-MarkdownHeadingCollapsed` folded (up to the next
+    heading of its level or higher): the reader sees the Configuration, then the pipeline."""
+    cells = [c for c in nbformat.read(NOTEBOOK, as_version=4).cells if c.cell_type == "markdown"]
+    heading = {id(c): m[1] for c in cells if (m := re.match(r"#+ (.+)", c.source))}
+    folded = {heading[id(c)] for c in cells if c.metadata.get("jp-MarkdownHeadingCollapsed")}
+    intro = cells[0].source
+    said = re.findall(r"\*\*(.+?)\*\*", intro[intro.index("Folded in") :])
+    assert said == ["Machinery", "Training toolkit", '"How …"'], said
+    how = {title for title in heading.values() if title.startswith("How ")}
+    assert folded == {"Machinery", "Training toolkit", *how} and len(how) == 7, folded
+    for cell in cells[1:]:  # a section whose own text calls it folded is folded
+        if re.search(r"\bfolded\b", cell.source):
+            assert cell.metadata.get("jp-MarkdownHeadingCollapsed"), cell.source[:60]
