@@ -318,6 +318,24 @@ def run_notebook(workdir: Path, name: str, until=None, edits=(), faults=None, **
     return notebook_result(nb, seconds=time.perf_counter() - start)
 
 
+def run_alone(workdir: Path, name: str, **parameters) -> dict:
+    """The notebook copied by itself into `workdir` (beside its data/) and run there with papermill:
+    the smoke profile, every path at its default (relative to the working folder when no project is
+    around), the tiny local Qwen as the base model."""
+    notebook = workdir / NOTEBOOK.name
+    shutil.copy(NOTEBOOK, notebook)
+    parameters = {"PROFILE": "smoke", "SFT_BASE_MODEL": str(TINY_QWEN[0])} | parameters
+    start = time.perf_counter()
+    nb = papermill.execute_notebook(
+        str(notebook),
+        str(workdir / f"{name}.ipynb"),
+        parameters=parameters,
+        progress_bar=False,
+        cwd=str(workdir),
+    )
+    return notebook_result(nb, seconds=time.perf_counter() - start)
+
+
 def replace(old: str, new: str, times: int = 1) -> tuple:
     """An edit of the notebook: the text `old` (found `times` times) becomes `new`."""
     return re.compile(re.escape(old)), lambda match: new, times
@@ -381,13 +399,14 @@ def manifest(cache: Path, stage: str) -> dict:
 @pytest.fixture(scope="session")
 def cold_run(tmp_path_factory, tiny_qwen):
     """One cold smoke run over fresh fixtures, shared by every test (and xdist worker); tests that
-    change anything copy its folder first."""
+    change anything copy its folder first. The notebook runs alone, as on Colab or Kaggle: copied
+    into the folder with its data/, no project around it, paths left at their defaults."""
     TINY_QWEN[:] = [tiny_qwen]
 
     def make(workdir: Path) -> None:
         write_corpus(workdir / "data" / "corpus")
         write_sft_parquet(workdir / "data" / "alpaca-cleaned-ru")
-        result = run_notebook(workdir, "cold")
+        result = run_alone(workdir, "cold")
         (workdir / "cold.json").write_text(
             json.dumps({k: result[k] for k in ("seconds", "stage_seconds")})
         )
@@ -591,7 +610,8 @@ def definitions(*titles: str) -> dict:
 # loss is NaN from step N on (pretraining's Trainer.compute_loss); {"disk_free_gib": G}: the disk reports
 # G GiB free; {"kill_after_checkpoint": N}: the process dies right after checkpoint N is complete;
 # {"count_host_syncs": PATH}: the calls that would wait for a GPU (item, tolist, bool), counted
-# per optimizer step (the optimizer's own excepted) and written to PATH as {stage: [counts]}.
+# per optimizer step (the optimizer's own excepted) and written to PATH as {stage: [counts]};
+# {"no_posix_locks": True}: fcntl.flock fails with ENOSYS, as on a mount without POSIX locks.
 FAULTS = """
 import json, os, shutil, signal, sys, safetensors, torch, transformers
 for _owner, _name in ((transformers.Trainer, "train"), (transformers.Trainer, "_save_checkpoint"), (transformers.Trainer, "compute_loss"), (shutil, "disk_usage")):
@@ -660,11 +680,18 @@ def _compute_loss(self, model, inputs, *args, **kwargs):
 
 transformers.Trainer.train, transformers.Trainer._save_checkpoint = _train, _save_checkpoint
 transformers.Trainer.compute_loss = _compute_loss
+import errno, fcntl
+fcntl._real_flock = getattr(fcntl, "_real_flock", fcntl.flock)
+if _SPEC.get("no_posix_locks"):  # as on a FUSE mount without flock (Google Drive)
+    def _no_flock(*args, **kwargs):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+    fcntl.flock = _no_flock
 if "disk_free_gib" in _SPEC:
     shutil.disk_usage = lambda p: shutil._real_disk_usage(p)._replace(free=int(_SPEC["disk_free_gib"] * 2**30))
 """
 UNDO_FAULTS = """
-import shutil, transformers
+import fcntl, shutil, transformers
+fcntl.flock = getattr(fcntl, "_real_flock", fcntl.flock)
 for _owner, _name in ((transformers.Trainer, "train"), (transformers.Trainer, "_save_checkpoint"), (transformers.Trainer, "compute_loss"), (shutil, "disk_usage")):
     if hasattr(_owner, "_real_" + _name):
         setattr(_owner, _name, getattr(_owner, "_real_" + _name))

