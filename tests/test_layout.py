@@ -10,7 +10,7 @@ import nbformat
 import pytest
 from conftest import NOTEBOOK
 
-SHARED = {"Machinery", "Training toolkit"}
+SHARED = {"Set-up", "Machinery", "Training toolkit"}
 DATACLASS_MADE = (
     "__create_fn__",
     "_HAS_DEFAULT_FACTORY",
@@ -24,7 +24,10 @@ def definition_only(source: str) -> bool:
         if isinstance(node, ast.With) and "get_ipython" in ast.unparse(node):
             continue  # the one-line errors' hook (a plain Python run keeps its tracebacks)
         targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
-        names = [t.id for t in targets if isinstance(t, ast.Name)]
+        targets = [
+            n for t in targets if t is not None for n in ast.walk(t) if isinstance(n, ast.Name)
+        ]
+        names = [t.id for t in targets]
         constant = isinstance(node, ast.Assign | ast.AnnAssign) and names and all(n.isupper() for n in names)  # fmt: skip
         if not (isinstance(node, allowed) or constant):
             return False
@@ -52,8 +55,9 @@ def notebook():
                 compile(cell.source, filename, "exec"), namespace
             )  # inspect finds the source: keys
             for node in ast.parse(cell.source).body:
-                for target in getattr(node, "targets", [node]):
-                    name = getattr(target, "name", getattr(target, "id", None))
+                targets = getattr(node, "targets", [getattr(node, "target", None)])
+                names = [n.id for t in targets if t for n in ast.walk(t) if isinstance(n, ast.Name)]
+                for name in [*names, getattr(node, "name", None)]:
                     section_of.setdefault(name, section) if name else None
     return namespace, section_of, builds
 
@@ -87,7 +91,39 @@ def test_every_section_the_text_calls_folded_is_folded_when_jupyterlab_opens_it(
     said = re.findall(r"\*\*(.+?)\*\*", intro[intro.index("Folded in") :])
     assert said == ["Machinery", "Training toolkit", '"How …"'], said
     how = {title for title in heading.values() if title.startswith("How ")}
-    assert folded == {"Machinery", "Training toolkit", *how} and len(how) == 7, folded
+    assert folded == {"Machinery", "Training toolkit", *how} and len(how) == 8, folded
     for cell in cells[1:]:  # a section whose own text calls it folded is folded
         if re.search(r"\bfolded\b", cell.source):
             assert cell.metadata.get("jp-MarkdownHeadingCollapsed"), cell.source[:60]
+
+
+def folded_code(cells) -> list:
+    """The code cells JupyterLab hides on open: those under a folded heading, up to the next
+    heading of its level or higher."""
+    hidden, folded_at = [], None
+    for cell in cells:
+        level = (
+            len(m[1])
+            if cell.cell_type == "markdown" and (m := re.match(r"(#+) ", cell.source))
+            else None
+        )
+        if level and folded_at and level <= folded_at:
+            folded_at = None
+        if level and folded_at is None and cell.metadata.get("jp-MarkdownHeadingCollapsed"):
+            folded_at = level
+        elif cell.cell_type == "code" and folded_at:
+            hidden.append(cell)
+    return hidden
+
+
+def test_no_folded_cell_runs_anything_a_reader_must_see(cold_run):
+    """A folded cell only defines (functions, classes, constants, imports): an output or an error
+    there would be hidden (JupyterLab's Run All stops at an error in a folded cell and shows no
+    sign of it). In the cold run, no folded cell printed anything."""
+    hidden = folded_code(nbformat.read(NOTEBOOK, as_version=4).cells)
+    assert len(hidden) > 100, len(hidden)
+    for cell in hidden:
+        assert cell.source.startswith("# Imports") or definition_only(cell.source), cell.source[:80]
+    workdir, _ = cold_run
+    executed = folded_code(nbformat.read(workdir / "cold.ipynb", as_version=4).cells)
+    assert [c.source.splitlines()[0] for c in executed if c.outputs] == []
