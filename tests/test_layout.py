@@ -127,3 +127,11 @@ def test_no_folded_cell_runs_anything_a_reader_must_see(cold_run):
     workdir, _ = cold_run
     executed = folded_code(nbformat.read(workdir / "cold.ipynb", as_version=4).cells)
     assert [c.source.splitlines()[0] for c in executed if c.outputs] == []
+
+
+def test_every_cell_has_its_own_id():
+    """nbformat 4.5 cells carry ids: without one a reader's JupyterLab invents it, and papermill
+    and nbformat warn."""
+    cells = nbformat.read(NOTEBOOK, as_version=4).cells
+    ids = [cell.get("id") for cell in cells]
+    assert None not in ids and len(set(ids)) == len(ids)
