@@ -386,9 +386,14 @@ def stage_dir(cache: Path, stage: str) -> Path:
     return dirs[0]
 
 
+def stage_keys(result: dict) -> dict:
+    """stage -> the 12-character key its stage line printed."""
+    return {stage: line.split("(")[1][:12] for stage, (_, line) in result["stages"].items()}
+
+
 def build_of(cache: Path, stage: str, result: dict) -> Path:
     """The build of `stage` that a run printed (its key is in the stage line)."""
-    key = result["stages"][stage][1].split("(")[1][:12]
+    key = stage_keys(result)[stage]
     return next((cache / stage).glob(f"{key}*/manifest.json")).parent
 
 
@@ -573,6 +578,15 @@ def run_live(kernel: LiveKernel, workdir: Path, until: str = ALL_CELLS, **parame
     return kernel.run(
         smoke(workdir, **parameters), until=until, edits=edits, after=after, faults=faults
     )
+
+
+SHOW_SETTINGS = "import json; print('CFG=' + json.dumps({k: [CFG[k], SOURCES[k]] for k in CFG}))"
+
+
+def shown_settings(result) -> dict:
+    """{knob: [value, where it came from]} as SHOW_SETTINGS printed it at the end of a run."""
+    assert result["error"] is None, result["error"]
+    return json.loads(re.search(r"^CFG=(.*)$", result["text"], re.M).group(1))
 
 
 def statuses(result) -> dict:

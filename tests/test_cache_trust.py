@@ -14,6 +14,7 @@ from conftest import (
     run_live,
     run_notebook,
     stage_dir,
+    stage_keys,
     statuses,
 )
 
@@ -101,7 +102,7 @@ def test_two_concurrent_runs_share_each_build(cold_run, tmp_path):
     assert "[clean_corpus] cached" in results[1]["text"] and "built by the other run" in text
     assert "removing stale build" not in text, "a live build was deleted"
     for stage in results[0]["stages"]:
-        keys = [r["stages"][stage][1].split("(")[1][:12] for r in results]
+        keys = [stage_keys(r)[stage] for r in results]
         assert keys[0] == keys[1], stage
         assert len(list((tmp_path / "cache" / stage).glob("*/manifest.json"))) == 1, stage
     assert statuses(results[0])["clean_corpus"] == "built"

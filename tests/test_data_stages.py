@@ -18,6 +18,7 @@ from conftest import (
     PRE_REFORM,
     PUNCTUATION_CLEAN,
     REPAIRED,
+    STAGE_CELLS,
     STANZAS,
     WRAPPED_SENTENCE,
     stage_dir,
@@ -28,15 +29,7 @@ SMOKE_CONTEXT = 128
 
 def test_cold_run_builds_every_stage(cold_run):
     _, result = cold_run
-    for stage in (
-        "clean_corpus",
-        "tokenizer",
-        "dataset",
-        "pretrain",
-        "sft_data",
-        "base_answers",
-        "sft_model",
-    ):
+    for stage in STAGE_CELLS:  # every stage, in pipeline order
         status, why = result["stages"][stage]
         assert status.startswith("built"), (stage, status)
         assert "no previous build" in why

@@ -10,7 +10,7 @@ import tomllib
 from types import SimpleNamespace
 
 import pytest
-from conftest import ROOT, definitions, one_line_error, run_live, statuses
+from conftest import ROOT, definitions, one_line_error, run_live, stage_keys, statuses
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_without_posix_locks_the_cache_locks_with_lock_files(live_kernel, tmp_pa
     stage = tmp_path / "cache" / "clean_corpus"
     assert not list(stage.glob("*.lock")), "a lock file outlived its build"
 
-    key = first["stages"]["clean_corpus"][1].split("(")[1][:12]
+    key = stage_keys(first)["clean_corpus"]
     (final,) = [p for p in stage.iterdir() if p.is_dir() and p.name.startswith(key)]
     lock, owner = (final.with_name(f"{final.name}.{s}") for s in ("lock", "owner.json"))
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

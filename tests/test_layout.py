@@ -17,17 +17,19 @@ DATACLASS_MADE = (
 )  # what @dataclass writes: keyed, no section
 
 
+def assigned(node) -> list[str]:
+    """The names a statement assigns (`A = 1`, `A, B = 1, 2`, `A: int = 1`)."""
+    targets = getattr(node, "targets", [getattr(node, "target", None)])
+    return [n.id for t in targets if t for n in ast.walk(t) if isinstance(n, ast.Name)]
+
+
 def definition_only(source: str) -> bool:
     """Cells that only define (functions, classes, constants, imports): safe to run alone."""
     allowed = (ast.FunctionDef, ast.ClassDef, ast.Import, ast.ImportFrom)
     for node in ast.parse(source).body:
         if isinstance(node, ast.With) and "get_ipython" in ast.unparse(node):
             continue  # the one-line errors' hook (a plain Python run keeps its tracebacks)
-        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
-        targets = [
-            n for t in targets if t is not None for n in ast.walk(t) if isinstance(n, ast.Name)
-        ]
-        names = [t.id for t in targets]
+        names = assigned(node)
         constant = isinstance(node, ast.Assign | ast.AnnAssign) and names and all(n.isupper() for n in names)  # fmt: skip
         if not (isinstance(node, allowed) or constant):
             return False
@@ -55,9 +57,7 @@ def notebook():
                 compile(cell.source, filename, "exec"), namespace
             )  # inspect finds the source: keys
             for node in ast.parse(cell.source).body:
-                targets = getattr(node, "targets", [getattr(node, "target", None)])
-                names = [n.id for t in targets if t for n in ast.walk(t) if isinstance(n, ast.Name)]
-                for name in [*names, getattr(node, "name", None)]:
+                for name in [*assigned(node), getattr(node, "name", None)]:
                     section_of.setdefault(name, section) if name else None
     return namespace, section_of, builds
 

@@ -9,27 +9,21 @@ import re
 from conftest import (
     ALL_CELLS,
     RESET,
+    SHOW_SETTINGS,
     STAGE_CELLS,
     apply_edits,
     code_cells,
     one_line_error,
     replace,
+    shown_settings,
     smoke,
     stage_dir,
+    stage_keys,
     statuses,
 )
 
-STAGES = [
-    "clean_corpus",
-    "tokenizer",
-    "dataset",
-    "pretrain",
-    "sft_data",
-    "base_answers",
-    "sft_model",
-]
+STAGES = list(STAGE_CELLS)  # in pipeline order
 THIS_RUN = "# This run"
-SHOW = "import json; print('CFG=' + json.dumps({k: [CFG[k], SOURCES[k]] for k in CFG}))"
 
 
 def cell(title: str) -> str:
@@ -97,17 +91,12 @@ def test_a_knob_edited_or_an_upstream_knob_changed_stops_the_cells_re_run(live_k
     assert back["error"] is None and statuses(back) == {"pretrain": "cached"}, back["error"]
 
 
-def settings_of(result) -> dict:
-    assert result["error"] is None, result["error"]
-    return json.loads(re.search(r"^CFG=(.*)$", result["text"], re.M).group(1))
-
-
 def test_a_typo_is_caught_in_any_kernel_and_a_deleted_knob_line_goes_back_to_its_default(
     live_kernel, tmp_path
 ):
     knobs = knobs_cell(tmp_path, EPOCHS=3)
-    first = live_kernel.run_cells([RESET, *cells_until(THIS_RUN, knobs), SHOW])
-    assert settings_of(first)["EPOCHS"] == [3, "set by you"]
+    first = live_kernel.run_cells([RESET, *cells_until(THIS_RUN, knobs), SHOW_SETTINGS])
+    assert shown_settings(first)["EPOCHS"] == [3, "set by you"]
 
     # a second "Run All" in the same kernel, a typo added to the Knobs cell: one line
     typo = knobs_cell(tmp_path, EPOCHS=3, add="EPOCS = 4")
@@ -119,8 +108,8 @@ def test_a_typo_is_caught_in_any_kernel_and_a_deleted_knob_line_goes_back_to_its
 
     # fixed and re-run, the typo is gone; the EPOCHS line deleted, EPOCHS is the profile's again
     fixed = knobs_cell(tmp_path, delete=["EPOCHS"])
-    third = live_kernel.run_cells([*cells_until(THIS_RUN, fixed), SHOW])
-    assert settings_of(third)["EPOCHS"] == [2, "profile smoke"]
+    third = live_kernel.run_cells([*cells_until(THIS_RUN, fixed), SHOW_SETTINGS])
+    assert shown_settings(third)["EPOCHS"] == [2, "profile smoke"]
 
 
 CARDS = {  # (device, name, compute capability, GiB): as tests/test_plan.py simulates them
@@ -133,7 +122,7 @@ def test_the_keys_are_the_recipe_not_the_card(live_kernel, cold_run, warm_copy):
     """A cache made on the CPU loads every stage under a simulated T4 and H100, with the same keys,
     and says where each training stage was made."""
     _, cold = cold_run
-    keys = {stage: line.split("(")[1][:12] for stage, (_, line) in cold["stages"].items()}
+    keys = stage_keys(cold)
     simulated = [
         replace("CARD = detect_card()", f"CARD = Card{CARDS['T4']!r}"),
         # the exported model is checked where the GPU would be: here, the CPU
@@ -145,7 +134,7 @@ def test_the_keys_are_the_recipe_not_the_card(live_kernel, cold_run, warm_copy):
     assert on_t4["error"] is None, on_t4["error"]
     assert "Tesla T4" in on_t4["text"], "the simulated card was not used"
     assert statuses(on_t4) == dict.fromkeys(STAGES, "cached")
-    assert {s: line.split("(")[1][:12] for s, (_, line) in on_t4["stages"].items()} == keys
+    assert stage_keys(on_t4) == keys
     assert "trained on CPU" in on_t4["stages"]["pretrain"][1]
     assert "answered on CPU" in on_t4["stages"]["base_answers"][1]
 
@@ -153,7 +142,7 @@ def test_the_keys_are_the_recipe_not_the_card(live_kernel, cold_run, warm_copy):
         [f"CARD = Card{CARDS['H100']!r}", *(cell(STAGE_CELLS[s]) for s in STAGES)]
     )
     assert on_h100["error"] is None, on_h100["error"]
-    assert {s: line.split("(")[1][:12] for s, (_, line) in on_h100["stages"].items()} == keys
+    assert stage_keys(on_h100) == keys
     manifest = json.loads(
         (stage_dir(warm_copy / "cache", "sft_model") / "manifest.json").read_text()
     )

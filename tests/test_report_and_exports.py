@@ -6,7 +6,7 @@ import shutil
 
 import torch
 import transformers
-from conftest import one_line_error, run_live
+from conftest import build_of, one_line_error, run_live
 
 SECTIONS = ["## Stages", "## Corpus and dataset", "## Pretraining", "## SFT", "## Questions"]
 
@@ -79,8 +79,7 @@ def test_a_non_qwen_chatml_model_trains_assistant_only(live_kernel, warm_copy, t
     assert result["error"] is None, result["error"]
 
     def built(stage):  # this run's build (the fixture's Qwen build is there too)
-        key = result["stages"][stage][1].split("(")[1][:12]
-        return next((warm_copy / "cache" / stage).glob(f"{key}*/manifest.json")).parent
+        return build_of(warm_copy / "cache", stage, result)
 
     stats = json.loads((built("sft_data") / "stats.json").read_text())
     assert stats["chat template for training"].startswith("ChatML with generation markers added")

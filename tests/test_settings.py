@@ -1,21 +1,25 @@
 """Settings you can trust: what you set wins, typos and bad values stop at once, and a build can
 read only the settings its key holds."""
 
-import json
 import re
 
 import nbformat
 import pytest
-from conftest import NOTEBOOK, definitions, insert_statement, replace
+from conftest import (
+    NOTEBOOK,
+    SHOW_SETTINGS,
+    definitions,
+    insert_statement,
+    replace,
+    shown_settings,
+)
 
 SETTINGS_CELL = "# This run"
-SHOW = "import json; print('CFG=' + json.dumps({k: [CFG[k], SOURCES[k]] for k in CFG}))"
 
 
 def settings(live_kernel, parameters: dict, edits=()) -> dict:
-    result = live_kernel.run(parameters, until=SETTINGS_CELL, edits=edits, after=[SHOW])
-    assert result["error"] is None, result["error"]
-    return json.loads(re.search(r"^CFG=(.*)$", result["text"], re.M).group(1))
+    result = live_kernel.run(parameters, until=SETTINGS_CELL, edits=edits, after=[SHOW_SETTINGS])
+    return shown_settings(result)
 
 
 def set_in_parameters_cell(assignments: dict) -> list:
