@@ -84,6 +84,10 @@ def test_a_knob_edited_or_an_upstream_knob_changed_stops_the_cells_re_run(live_k
         "the tokenizer stage in this kernel was made with VOCAB_SIZE = 400, but the settings now "
         "say 300: run the notebook from stage 2 (cached stages load in seconds)"
     )
+    # ... and neither will stage 3's own cell, whose key reads the stale stage's output
+    assert one_line_error(live_kernel.run_cells([cell("dataset")])).startswith(
+        "the tokenizer stage in this kernel was made with VOCAB_SIZE = 400"
+    )
     assert [builds(cache, s) for s in ("tokenizer", "dataset", "pretrain")] == [1, 1, 1]
 
     # the Knobs cell as it was, 'This run' and stage 4's cell: the cached stage loads again
