@@ -10,7 +10,15 @@ import tomllib
 from types import SimpleNamespace
 
 import pytest
-from conftest import ROOT, definitions, one_line_error, run_live, stage_keys, statuses
+from conftest import (
+    ROOT,
+    code_cells,
+    definitions,
+    one_line_error,
+    run_live,
+    stage_keys,
+    statuses,
+)
 
 
 @pytest.fixture(scope="module")
@@ -20,13 +28,13 @@ def nb():
     )
 
 
-def faked(versions: dict):
+def faked(versions: dict, real=importlib.metadata.version):
     """importlib.metadata.version as a host with these versions answers (None: not installed)."""
 
     def version_of(name: str) -> str:
-        if versions.get(name, importlib.metadata.version(name)) is None:
+        if versions.get(name, real(name)) is None:
             raise importlib.metadata.PackageNotFoundError(name)
-        return versions.get(name, importlib.metadata.version(name))
+        return versions.get(name, real(name))
 
     return version_of
 
@@ -47,8 +55,27 @@ def test_the_project_environment_passes_and_a_hosted_one_gets_one_line_with_the_
     message = nb["library_error"](nb["library_problems"](old), old)
     assert "transformers 4.57.3 (needs >=5.0,<6)" in message
     assert "`%pip install -q transformers==5.24.0 torch==2.9.1+cu126`" in message
-    newer = faked({"torch": "2.12.0+cu130"})  # out of range: the lock's torch, then
-    assert "`%pip install -q torch==2.10.0`" in nb["library_error"](nb["library_problems"](newer))
+    older = faked({"torch": "2.8.0+cu126"})  # below the floor: the lock's torch, then
+    assert "`%pip install -q torch==2.10.0`" in nb["library_error"](nb["library_problems"](older))
+
+
+def test_a_hosts_newer_torch_is_kept_with_one_line_and_left_out_of_the_pip_line(
+    nb, monkeypatch, capsys
+):
+    newer = faked({"torch": "2.13.0+cu130", "trl": None})
+    monkeypatch.setitem(nb, "in_project_environment", lambda: False)  # Colab's or Kaggle's Python
+    assert nb["library_problems"](newer) == [("trl", None, ">=1.0,<2")], "torch 2.13 not kept"
+    message = nb["library_error"](nb["library_problems"](newer), newer)
+    assert "`%pip install -q trl==1.16.0`" in message, message  # torch left out: kept as it is
+    monkeypatch.setattr(importlib.metadata, "version", faked({"torch": "2.13.0+cu130"}))
+    (check,) = [s for s in code_cells() if s.startswith("# Libraries: checked before")]
+    exec(check, nb)  # the Set-up cell itself: passes, with one line
+    assert capsys.readouterr().out == (
+        "torch 2.13.0+cu130 is newer than this notebook was tested with (2.10–2.11); keeping it\n"
+    )
+    # the project's own environment keeps uv.lock's torch: `uv sync`
+    monkeypatch.setitem(nb, "in_project_environment", lambda: True)
+    assert [name for name, *_ in nb["library_problems"](newer)] == ["torch", "trl"]
 
 
 def test_the_versions_are_pyproject_ranges_and_the_lock_pins(nb):
