@@ -1,11 +1,14 @@
 """Shared helpers: a fixture corpus the tests write themselves, and a papermill runner."""
 
+import asyncio
 import functools
+import inspect
 import json
 import os
 import random
 import re
 import shutil
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -463,7 +466,10 @@ def one_line_error(err) -> str:
     if isinstance(err, dict):
         assert err["error"], "the run did not stop"
         err = SimpleNamespace(**err["error"])
-    assert err.ename in ("UserError", "CorpusError", "Paused", "Diverged"), (err.ename, err.evalue)
+    assert err.ename in ("UserError", "CorpusError", "Paused", "Diverged", "Stopped"), (
+        err.ename,
+        err.evalue,
+    )
     assert len(err.traceback) == 1 and "\n" not in err.traceback[0].rstrip("\n"), err.traceback
     return err.evalue
 
@@ -474,10 +480,11 @@ def progress_bars(nb) -> list[str]:
     for cell in nb.cells:
         for output in cell.get("outputs", []):
             data, text = output.get("data", {}), "".join(output.get("text", ""))
+            title = cell.source.splitlines()[0]
             if "application/vnd.jupyter.widget-view+json" in data:
-                found.append(data.get("text/plain", "widget"))
+                found.append(f"{title}: {data.get('text/plain', 'widget')}")
             elif "<progress" in data.get("text/html", "") or re.search(r"\d+%\|", text):
-                found.append(cell.source.splitlines()[0])
+                found.append(title)
     return found
 
 
@@ -625,13 +632,17 @@ def definitions(*titles: str) -> dict:
 # G GiB free; {"kill_after_checkpoint": N}: the process dies right after checkpoint N is complete;
 # {"count_host_syncs": PATH}: the calls that would wait for a GPU (item, tolist, bool), counted
 # per optimizer step (the optimizer's own excepted) and written to PATH as {stage: [counts]};
-# {"no_posix_locks": True}: fcntl.flock fails with ENOSYS, as on a mount without POSIX locks.
+# {"no_posix_locks": True}: fcntl.flock fails with ENOSYS, as on a mount without POSIX locks;
+# {"await_interrupt": {"at_checkpoint": N} or {"in": FUNCTION}, with "ready" and "go" paths}: once
+# checkpoint N is saved, or at the first generate() a notebook FUNCTION calls, the kernel creates
+# READY and waits for GO, which stop_button() writes once it has interrupted the kernel. The hooks
+# run in a namespace of their own (test_faults), so a stop's line never names one of them.
 FAULTS = """
-import json, os, shutil, signal, sys, safetensors, torch, transformers
-for _owner, _name in ((transformers.Trainer, "train"), (transformers.Trainer, "_save_checkpoint"), (transformers.Trainer, "compute_loss"), (shutil, "disk_usage")):
+import json, os, shutil, signal, sys, time, safetensors, torch, transformers
+for _owner, _name in PATCHED:
     if not hasattr(_owner, "_real_" + _name):
         setattr(_owner, "_real_" + _name, getattr(_owner, _name))
-_SPEC, _SENT = SPEC, []
+_SPEC, _SENT, _WAITED = SPEC, [], []
 
 
 class _Faults(transformers.TrainerCallback):
@@ -665,10 +676,33 @@ class _Faults(transformers.TrainerCallback):
             json.dump(found | {self.stage: self.counts}, open(path, "w"))
 
     def on_save(self, args, state, control, **kwargs):
+        wait = _SPEC.get("await_interrupt", {})
+        if state.global_step == wait.get("at_checkpoint"):
+            _await_interrupt(wait)
         step = _SPEC.get("kill_after_checkpoint")
         if step is not None and state.global_step >= step:
             print(f"FAULTS: killing the process after checkpoint {state.global_step}")
             os._exit(3)  # like a dead kernel: no clean-up, no manifest
+
+
+def _await_interrupt(wait):
+    if _WAITED:
+        return
+    _WAITED.append(True)
+    open(wait["ready"], "w").close()
+    deadline = time.monotonic() + 120
+    while not os.path.exists(wait["go"]):
+        assert time.monotonic() < deadline, "the test never interrupted the kernel"
+        time.sleep(0.01)
+
+
+def _generate(self, *args, **kwargs):
+    wait, frame = _SPEC.get("await_interrupt", {}), sys._getframe(1)
+    while frame and "in" in wait and frame.f_code.co_name != wait["in"]:
+        frame = frame.f_back
+    if frame and "in" in wait:
+        _await_interrupt(wait)
+    return transformers.GenerationMixin._real_generate(self, *args, **kwargs)
 
 
 def _train(self, *args, **kwargs):
@@ -694,6 +728,7 @@ def _compute_loss(self, model, inputs, *args, **kwargs):
 
 transformers.Trainer.train, transformers.Trainer._save_checkpoint = _train, _save_checkpoint
 transformers.Trainer.compute_loss = _compute_loss
+transformers.GenerationMixin.generate = _generate
 import errno, fcntl
 fcntl._real_flock = getattr(fcntl, "_real_flock", fcntl.flock)
 if _SPEC.get("no_posix_locks"):  # as on a FUSE mount without flock (Google Drive)
@@ -703,10 +738,16 @@ if _SPEC.get("no_posix_locks"):  # as on a FUSE mount without flock (Google Driv
 if "disk_free_gib" in _SPEC:
     shutil.disk_usage = lambda p: shutil._real_disk_usage(p)._replace(free=int(_SPEC["disk_free_gib"] * 2**30))
 """
-UNDO_FAULTS = """
+PATCHED = (  # what FAULTS patches (and UNDO_FAULTS restores)
+    '((transformers.Trainer, "train"), (transformers.Trainer, "_save_checkpoint"), '
+    '(transformers.Trainer, "compute_loss"), (transformers.GenerationMixin, "generate"), '
+    '(shutil, "disk_usage"))'
+)
+FAULTS = FAULTS.replace("in PATCHED:", f"in {PATCHED}:")
+UNDO_FAULTS = f"""
 import fcntl, shutil, transformers
 fcntl.flock = getattr(fcntl, "_real_flock", fcntl.flock)
-for _owner, _name in ((transformers.Trainer, "train"), (transformers.Trainer, "_save_checkpoint"), (transformers.Trainer, "compute_loss"), (shutil, "disk_usage")):
+for _owner, _name in {PATCHED}:
     if hasattr(_owner, "_real_" + _name):
         setattr(_owner, _name, getattr(_owner, "_real_" + _name))
 """
@@ -717,7 +758,30 @@ RESET = "get_ipython().run_line_magic('reset', '-f')\n" + UNDO_FAULTS  # a fresh
 def inject(faults: dict | None) -> list:
     """The edit that installs `faults` (see FAULTS) right after the notebook's imports."""
     code = FAULTS.replace("SPEC, []", f"{faults!r}, []", 1)
-    return [replace(IMPORTS_END, IMPORTS_END + "\n" + code)] if faults else []
+    installed = (  # _test_faults["_SPEC"]: what a test may change between cells
+        f"_test_faults = {{'__name__': 'test_faults'}}\n"
+        f"exec(compile({code!r}, 'test_faults', 'exec'), _test_faults)"
+    )
+    return [replace(IMPORTS_END, IMPORTS_END + "\n" + installed)] if faults else []
+
+
+def stop_button(kernel, folder: Path) -> dict:
+    """JupyterLab's stop button, pressed once the kernel reaches an "await_interrupt" point (see
+    FAULTS): a thread waits for the kernel's READY file, interrupts the kernel as the button does
+    (a SIGINT through the kernel manager), then writes GO. Returns the spec's paths."""
+    paths = {"ready": str(folder / "ready"), "go": str(folder / "go")}
+
+    def press():
+        deadline = time.monotonic() + 300
+        while not Path(paths["ready"]).exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        pressed = kernel.client.km.interrupt_kernel()  # nbclient's manager is asynchronous
+        if inspect.isawaitable(pressed):
+            asyncio.run(pressed)
+        Path(paths["go"]).touch()
+
+    threading.Thread(target=press, daemon=True).start()
+    return paths
 
 
 def pytest_collection_modifyitems(items):

@@ -39,7 +39,7 @@ def test_code_that_only_records_or_shows_never_rebuilds(live_kernel, warm_copy):
         "md_table": 1,
         "training_results": 1,
         "session_totals": 1,
-        "on_log": 4,
+        "on_log": 5,
         "trained_on": 1,
         "peak_memory_gib": 1,
         "write_json": 1,
@@ -79,7 +79,7 @@ def test_two_concurrent_runs_share_each_build(cold_run, tmp_path):
         f"        yield\n"
     )
     edits = [
-        replace("        yield\n", hold),  # build_lock's one yield
+        replace('"started": started})\n        yield\n', '"started": started})\n' + hold),
         replace(
             "            wait_for_lock(lock, owner, final.parent.name)\n",
             f"            Path({str(waiting)!r}).touch()\n"

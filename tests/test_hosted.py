@@ -24,7 +24,10 @@ from conftest import (
 @pytest.fixture(scope="module")
 def nb():
     return definitions(
-        "# Libraries: the versions", "# Libraries: each one", "# Libraries: what to do"
+        "# Libraries: the versions",
+        "# Libraries: a hosted",
+        "# Libraries: each one",
+        "# Libraries: what to do",
     )
 
 
