@@ -629,7 +629,8 @@ def definitions(*titles: str) -> dict:
 # signal arrives during step N; "second_signal_in_save": again while that checkpoint is written;
 # {"disk_full_at_step": N}: checkpoint N meets a full disk; {"nan_loss_at_step": N}: the training
 # loss is NaN from step N on (pretraining's Trainer.compute_loss); {"disk_free_gib": G}: the disk reports
-# G GiB free; {"kill_after_checkpoint": N}: the process dies right after checkpoint N is complete;
+# G GiB free; {"kill_after_checkpoint": {STAGE: N}}: the process dies right after that stage's checkpoint N
+# is complete;
 # {"count_host_syncs": PATH}: the calls that would wait for a GPU (item, tolist, bool), counted
 # per optimizer step (the optimizer's own excepted) and written to PATH as {stage: [counts]};
 # {"no_posix_locks": True}: fcntl.flock fails with ENOSYS, as on a mount without POSIX locks;
@@ -679,7 +680,7 @@ class _Faults(transformers.TrainerCallback):
         wait = _SPEC.get("await_interrupt", {})
         if state.global_step == wait.get("at_checkpoint"):
             _await_interrupt(wait)
-        step = _SPEC.get("kill_after_checkpoint")
+        step = _SPEC.get("kill_after_checkpoint", {}).get(self.stage)
         if step is not None and state.global_step >= step:
             print(f"FAULTS: killing the process after checkpoint {state.global_step}")
             os._exit(3)  # like a dead kernel: no clean-up, no manifest

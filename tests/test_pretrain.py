@@ -3,10 +3,11 @@
 import json
 import shutil
 
+import nbformat
 import pytest
 import torch
 import transformers
-from conftest import assert_resumed_like, run_notebook, stage_dir
+from conftest import assert_resumed_like, notebook_result, run_notebook, stage_dir
 from nbclient.exceptions import DeadKernelError
 from papermill.exceptions import PapermillExecutionError
 
@@ -84,33 +85,49 @@ def steps_per_epoch(cache) -> int:
     return next(e["step"] for e in log if "eval_loss" in e and e["epoch"] == 1.0)
 
 
-def test_killed_training_resumes_exactly(cold_run, tmp_path):
-    """Killed right after the checkpoint taken after epoch 1's evaluation (mid-epoch: test_pause)."""
+def test_a_killed_kernel_resumes_pretraining_then_sft_exactly(cold_run, tmp_path):
+    """The kernel killed right after the checkpoint taken after epoch 1's evaluation (mid-epoch:
+    test_pause); the re-run resumes pretraining, then is killed in SFT right after checkpoint 3
+    (SAVE_MINUTES=0: one every step, a runtime setting, the same keys); the third run resumes SFT.
+    Three runs, not four: the pretraining resumed is the one SFT is then killed after."""
     workdir, _ = cold_run
     shutil.copytree(workdir / "data", tmp_path / "data")
     shutil.copytree(
         workdir / "cache",
         tmp_path / "cache",
-        ignore=lambda d, names: ["pretrain"] if d.endswith("cache") else [],
+        ignore=lambda d, names: ["pretrain", "sft_model"] if d.endswith("cache") else [],
     )
     stop = steps_per_epoch(workdir / "cache")
     with pytest.raises((DeadKernelError, PapermillExecutionError)):  # the kernel dies after it
-        run_notebook(tmp_path, "killed", until="pretrain", faults={"kill_after_checkpoint": stop})
+        run_notebook(tmp_path, "killed", until="pretrain",
+                     faults={"kill_after_checkpoint": {"pretrain": stop}})  # fmt: skip
     partial = next((tmp_path / "cache" / "pretrain").glob("*.partial"))
     assert (partial / "checkpoints" / f"checkpoint-{stop}").is_dir()
     assert not list((tmp_path / "cache" / "pretrain").glob("*/manifest.json"))
 
-    resumed = run_notebook(tmp_path, "resumed", until="pretrain")
-    status, why = resumed["stages"]["pretrain"]
-    assert status.startswith("built") and "resuming an interrupted build" in why
-    assert f"resuming from checkpoint-{stop}" in resumed["text"]
-    assert "missing keys" not in resumed["text"], "tied weights reported as missing"
+    with pytest.raises((DeadKernelError, PapermillExecutionError)):  # resumed, then killed in SFT
+        run_notebook(tmp_path, "sft-killed", until="sft_model", SAVE_MINUTES=0,
+                     faults={"kill_after_checkpoint": {"sft_model": 3}})  # fmt: skip
+    killed = notebook_result(nbformat.read(tmp_path / "sft-killed.ipynb", as_version=4), 0)["text"]
+    assert f"resuming from checkpoint-{stop}" in killed and "missing keys" not in killed
     # the same evaluations, generations and weights as the uninterrupted run
     assert_resumed_like(tmp_path / "cache", workdir / "cache", "pretrain", stop)
     ours, theirs = (stage_dir(c, "pretrain") for c in (tmp_path / "cache", workdir / "cache"))
     assert json.loads((ours / "generations.json").read_text()) == json.loads(
         (theirs / "generations.json").read_text()
     )
-    assert len(json.loads((ours / "sessions.json").read_text())) == 2
     sessions = json.loads((ours / "sessions.json").read_text())
-    assert all(s["wall_seconds"] > 0 for s in sessions), sessions
+    assert len(sessions) == 2 and all(s["wall_seconds"] > 0 for s in sessions), sessions
+    partial = next((tmp_path / "cache" / "sft_model").glob("*.partial"))
+    assert (partial / "checkpoints" / "checkpoint-3").is_dir()
+
+    resumed = run_notebook(tmp_path, "sft-resumed", until="sft_model")
+    assert "resuming an interrupted build" in resumed["stages"]["sft_model"][1]
+    assert "resuming from checkpoint-3" in resumed["text"]
+    assert "missing keys" not in resumed["text"], "tied weights reported as missing"
+    assert_resumed_like(tmp_path / "cache", workdir / "cache", "sft_model", 3)
+    ours, theirs = (stage_dir(c, "sft_model") for c in (tmp_path / "cache", workdir / "cache"))
+    assert json.loads((ours / "answers.json").read_text()) == json.loads(
+        (theirs / "answers.json").read_text()
+    )
+    assert len(json.loads((ours / "sessions.json").read_text())) == 2

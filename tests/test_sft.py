@@ -1,23 +1,17 @@
 """The SFT stages on a tiny local Qwen2 (no Hub): data mapping, loss mask, stop token, training."""
 
 import json
-import shutil
 
 import datasets
-import pytest
 import torch
 import transformers
 from conftest import (
     SFT_PAIRS,
-    assert_resumed_like,
     one_line_error,
     run_live,
-    run_notebook,
     stage_dir,
     write_sft_parquet,
 )
-from nbclient.exceptions import DeadKernelError
-from papermill.exceptions import PapermillExecutionError
 
 
 def test_sft_data_maps_roles_and_always_has_a_system_message(cold_run):
@@ -116,32 +110,3 @@ def test_unreachable_or_missing_model_is_a_clear_error(live_kernel, warm_copy):
     empty.mkdir()
     result = run_live(live_kernel, warm_copy, "sft_data", SFT_BASE_MODEL=str(empty))
     assert f"{empty} has no config.json" in one_line_error(result)
-
-
-def test_killed_sft_resumes_exactly(cold_run, warm_copy):
-    """Killed mid-epoch, right after checkpoint 3 (SAVE_MINUTES=0: a checkpoint every step; a
-    runtime setting, so the same key; the resumed run checkpoints at the default interval)."""
-    workdir, _ = cold_run
-    shutil.rmtree(warm_copy / "cache" / "sft_model")  # pretraining stays cached: only SFT trains
-    with pytest.raises((DeadKernelError, PapermillExecutionError)):  # killed after that checkpoint
-        run_notebook(
-            warm_copy,
-            "sft-killed",
-            until="sft_model",
-            faults={"kill_after_checkpoint": 3},
-            SAVE_MINUTES=0,
-        )
-    partial = next((warm_copy / "cache" / "sft_model").glob("*.partial"))
-    assert (partial / "checkpoints" / "checkpoint-3").is_dir()
-
-    resumed = run_notebook(warm_copy, "sft-resumed", until="sft_model")
-    assert "resuming an interrupted build" in resumed["stages"]["sft_model"][1]
-    assert "resuming from checkpoint-3" in resumed["text"]
-    assert "missing keys" not in resumed["text"], "tied weights reported as missing"
-    reference = workdir / "cache"  # the uninterrupted run
-    assert_resumed_like(warm_copy / "cache", reference, "sft_model", 3)
-    ours, theirs = (stage_dir(c, "sft_model") for c in (warm_copy / "cache", reference))
-    assert json.loads((ours / "answers.json").read_text()) == json.loads(
-        (theirs / "answers.json").read_text()
-    )
-    assert len(json.loads((ours / "sessions.json").read_text())) == 2

@@ -6,6 +6,7 @@ model TOK OUT SHAPE  a randomly initialised Qwen2 model around that tokenizer
                      (SHAPE: qwen2.5-0.5b, the real architecture, or tiny for the CPU variant)
 alpaca CORPUS OUT N  N synthetic alpaca-schema rows (instruction/input/output) built from corpus
                      sentences, with a length spread like alpaca-cleaned-ru's
+all TOK CORPUS MODEL SHAPE ALPACA N   the three, in one process (torch imported once)
 """
 
 import base64
@@ -206,5 +207,9 @@ if __name__ == "__main__":
         build_model(Path(args[0]), Path(args[1]), args[2])
     elif command == "alpaca":
         build_alpaca(Path(args[0]), Path(args[1]), int(args[2]))
+    elif command == "all":  # TOKENIZER_DIR CORPUS MODEL_DIR SHAPE ALPACA_DIR ROWS: one process
+        build_tokenizer(Path(args[0]))  # (its corpus sample: sys.argv[3], as for "tokenizer")
+        build_model(Path(args[0]), Path(args[2]), args[3])
+        build_alpaca(Path(args[1]), Path(args[4]), int(args[5]))
     else:
         raise SystemExit(__doc__)

@@ -72,16 +72,15 @@ fi
 step "corpus: $(find "$work/data/corpus" -name '*.txt' | wc -l) files"
 shape=qwen2.5-0.5b rows=51760 profile=full
 [ "$mode" = cpu ] && shape=tiny rows=400 profile=smoke
-"$py" tests/gpu/make_assets.py tokenizer "$work/qwen-tokenizer" "$work/data/corpus" || exit 5
-"$py" tests/gpu/make_assets.py model "$work/qwen-tokenizer" "$work/qwen" "$shape" || exit 5
-"$py" tests/gpu/make_assets.py alpaca "$work/data/corpus" "$work/data/alpaca-cleaned-ru" "$rows" || exit 5
+"$py" tests/gpu/make_assets.py all "$work/qwen-tokenizer" "$work/data/corpus" "$work/qwen" "$shape" \
+  "$work/data/alpaca-cleaned-ru" "$rows" || exit 5  # one process: torch and transformers imported once
 
 # 3. the notebook, full profile (smoke on the CPU), pretraining and SFT capped at N steps
 [ "$pretrain_steps" = all ] && pretrain_steps=-1
 [ -n "$lever_steps" ] || { lever_steps=60; [ "$mode" = cpu ] && lever_steps=4; }
 overrides="{MAX_STEPS: $pretrain_steps, SFT_MAX_STEPS: $sft_steps}"
 [ "$mode" = cpu ] && overrides="{MAX_STEPS: $pretrain_steps, SFT_MAX_STEPS: $sft_steps, \
-SFT_MAX_LENGTH: 256, SFT_EFFECTIVE_BATCH: 4, SFT_MICRO_BATCH: 4, SFT_EVAL_ROWS: 4, SFT_MAX_NEW_TOKENS: 8}"
+SFT_MAX_LENGTH: 192, SFT_EFFECTIVE_BATCH: 2, SFT_MICRO_BATCH: 2, SFT_EVAL_ROWS: 2, SFT_MAX_NEW_TOKENS: 8}"
 step "notebook: PROFILE=$profile $overrides (budget ${budget}s)"
 timeout --signal=INT --kill-after=20 "$budget" "$py" -m papermill --no-progress-bar --log-output \
   -k python3 notebooks/LLM_Pretrain_SFT.ipynb "$out/LLM_Pretrain_SFT.executed.ipynb" \
@@ -119,7 +118,7 @@ case "$levers" in
   *) IFS=, read -r -a names <<< "$levers" ;;
 esac
 main="MAX_STEPS: $pretrain_steps, SFT_MAX_STEPS: $sft_steps"
-[ "$mode" = cpu ] && main="$main, SFT_MAX_LENGTH: 256, SFT_EFFECTIVE_BATCH: 4, SFT_MICRO_BATCH: 4, SFT_EVAL_ROWS: 4, SFT_MAX_NEW_TOKENS: 8"
+[ "$mode" = cpu ] && main="$main, SFT_MAX_LENGTH: 192, SFT_EFFECTIVE_BATCH: 2, SFT_MICRO_BATCH: 2, SFT_EVAL_ROWS: 2, SFT_MAX_NEW_TOKENS: 8"
 for name in "${names[@]}"; do
   [ "$status" = 0 ] || break
   if [ $(( $(date +%s) - started )) -gt "$total" ]; then step "lever $name skipped: over --total ${total}s"; continue; fi
