@@ -88,6 +88,9 @@ def test_a_full_disk_stops_with_one_line_and_resumes_later(live_kernel, warm_cop
         and "resumes from its last checkpoint" in message
     )
     assert "training needs about" in result["text"] and "GiB free" in result["text"]
+    # the plan line and the warning point to the builds this run does not use
+    assert "; only 0.0 GiB free there: reclaim_disk() under 'Give the disk back'" in result["text"]
+    assert "reclaim_disk(delete=True) deletes them, or set CACHE_DIR" in result["text"]
     assert not list((warm_copy / "cache" / "pretrain").glob("*/manifest.json"))
     resumed = run_live(live_kernel, warm_copy, "pretrain")
     assert "resuming from checkpoint-19" in resumed["text"] and resumed["error"] is None
