@@ -80,16 +80,16 @@ def test_exported_model_loads_with_auto_classes_and_reproduces(cold_run):
     assert text == expected[0]
 
 
-def steps_per_epoch(cache) -> int:
-    log = json.loads((stage_dir(cache, "pretrain") / "log_history.json").read_text())
+def steps_per_epoch(cache, stage: str = "pretrain") -> int:
+    log = json.loads((stage_dir(cache, stage) / "log_history.json").read_text())
     return next(e["step"] for e in log if "eval_loss" in e and e["epoch"] == 1.0)
 
 
 def test_a_killed_kernel_resumes_pretraining_then_sft_exactly(cold_run, tmp_path):
     """The kernel killed right after the checkpoint taken after epoch 1's evaluation (mid-epoch:
-    test_pause); the re-run resumes pretraining, then is killed in SFT right after checkpoint 3
-    (SAVE_MINUTES=0: one every step, a runtime setting, the same keys); the third run resumes SFT.
-    Three runs, not four: the pretraining resumed is the one SFT is then killed after."""
+    test_pause); the re-run resumes pretraining, then is killed in SFT right after its epoch 1
+    checkpoint; the third run resumes SFT. Three runs, not four: the pretraining resumed is the one
+    SFT is then killed after."""
     workdir, _ = cold_run
     shutil.copytree(workdir / "data", tmp_path / "data")
     shutil.copytree(
@@ -97,7 +97,7 @@ def test_a_killed_kernel_resumes_pretraining_then_sft_exactly(cold_run, tmp_path
         tmp_path / "cache",
         ignore=lambda d, names: ["pretrain", "sft_model"] if d.endswith("cache") else [],
     )
-    stop = steps_per_epoch(workdir / "cache")
+    stop, sft_stop = (steps_per_epoch(workdir / "cache", s) for s in ("pretrain", "sft_model"))
     with pytest.raises((DeadKernelError, PapermillExecutionError)):  # the kernel dies after it
         run_notebook(tmp_path, "killed", until="pretrain",
                      faults={"kill_after_checkpoint": {"pretrain": stop}})  # fmt: skip
@@ -106,8 +106,8 @@ def test_a_killed_kernel_resumes_pretraining_then_sft_exactly(cold_run, tmp_path
     assert not list((tmp_path / "cache" / "pretrain").glob("*/manifest.json"))
 
     with pytest.raises((DeadKernelError, PapermillExecutionError)):  # resumed, then killed in SFT
-        run_notebook(tmp_path, "sft-killed", until="sft_model", SAVE_MINUTES=0,
-                     faults={"kill_after_checkpoint": {"sft_model": 3}})  # fmt: skip
+        run_notebook(tmp_path, "sft-killed", until="sft_model",
+                     faults={"kill_after_checkpoint": {"sft_model": sft_stop}})  # fmt: skip
     killed = notebook_result(nbformat.read(tmp_path / "sft-killed.ipynb", as_version=4), 0)["text"]
     assert f"resuming from checkpoint-{stop}" in killed and "missing keys" not in killed
     # the same evaluations, generations and weights as the uninterrupted run
@@ -119,13 +119,13 @@ def test_a_killed_kernel_resumes_pretraining_then_sft_exactly(cold_run, tmp_path
     sessions = json.loads((ours / "sessions.json").read_text())
     assert len(sessions) == 2 and all(s["wall_seconds"] > 0 for s in sessions), sessions
     partial = next((tmp_path / "cache" / "sft_model").glob("*.partial"))
-    assert (partial / "checkpoints" / "checkpoint-3").is_dir()
+    assert (partial / "checkpoints" / f"checkpoint-{sft_stop}").is_dir()
 
     resumed = run_notebook(tmp_path, "sft-resumed", until="sft_model")
     assert "resuming an interrupted build" in resumed["stages"]["sft_model"][1]
-    assert "resuming from checkpoint-3" in resumed["text"]
+    assert f"resuming from checkpoint-{sft_stop}" in resumed["text"]
     assert "missing keys" not in resumed["text"], "tied weights reported as missing"
-    assert_resumed_like(tmp_path / "cache", workdir / "cache", "sft_model", 3)
+    assert_resumed_like(tmp_path / "cache", workdir / "cache", "sft_model", sft_stop)
     ours, theirs = (stage_dir(c, "sft_model") for c in (tmp_path / "cache", workdir / "cache"))
     assert json.loads((ours / "answers.json").read_text()) == json.loads(
         (theirs / "answers.json").read_text()

@@ -75,7 +75,7 @@ def test_three_pretraining_builds_compared_then_the_unused_ones_deleted(
 
     # deleting frees them both, and a warm re-run still loads every stage
     freed = live_kernel.run_cells(["reclaim_disk(delete=True, partial=True)"])
-    assert re.search(r"freed [\d.]+ GiB; the cache now holds", freed["text"]), freed
+    assert re.search(r"freed [\d.]+ [KMG]iB; the cache now holds", freed["text"]), freed
     left = [p.name for p in cache.iterdir() if p.is_dir()]
     assert len(left) == 1 and left[0].startswith(ours) and "." not in left[0], left
     again = run_live(live_kernel, warm_copy, ALL_CELLS)
