@@ -20,7 +20,16 @@ CARDS = [
     ("NVIDIA A100-SXM4-80GB", (8, 0), 79.2),
     ("NVIDIA H100 80GB HBM3", (9, 0), 79.1),
     ("NVIDIA H200", (9, 0), 139.8),
+    # the cards students own: 12 GB (AdamW fits), 8 GB (SFT fits with Adafactor)
+    ("NVIDIA GeForce RTX 3060", (8, 6), 11.8),
+    ("NVIDIA GeForce RTX 4070", (8, 9), 11.6),
+    ("NVIDIA GeForce RTX 2080 Ti", (7, 5), 10.7),
+    ("NVIDIA GeForce RTX 3070", (8, 6), 7.8),
+    ("NVIDIA GeForce RTX 4060 Ti", (8, 9), 7.6),
 ]
+DATA_CENTRE = 9  # the first nine: AdamW fitted them before Adafactor existed, and still does
+LAPTOP_6GB = ("NVIDIA GeForce RTX 4050 Laptop GPU", (8, 9), 5.8)  # SFT does not fit: one line
+SMS = {"NVIDIA GeForce RTX 4050 Laptop GPU": 20}  # SM counts torch reports (the rest: 40)
 CU128_ARCHS = ["sm_70", "sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]  # torch 2.9-2.10
 # the full profile's inputs: the real corpus (107 novels) packed, and the GPU check's stand-in for
 # alpaca-cleaned-ru (tests/gpu/make_assets.py: 51,760 rows, 51,292 within 1,024 tokens, ~280 each)
@@ -40,7 +49,8 @@ def nb():
     return definitions(
         "# The assignment's prompts", "# Defaults", "# Hardware", "# Training plan",
         "# Figures: time over all sessions", "# Stage 4: the model config", "# Stage 4: the plan",
-        "# Stage 7: the plan", "# Throughput", "# JSON files",
+        "# Stage 7: the plan", "# Throughput", "# JSON files", "# Settings: what a knob accepts",
+        "# Settings: the closest", "# Settings: a name that is not a knob",
     )  # fmt: skip
 
 
@@ -61,7 +71,11 @@ def qwen_config():
 def simulate(monkeypatch, name, capability, gib, flash=False):
     """torch.cuda as this card answers; bf16 'supported' on 7.x too, as a real T4 says (emulation)."""
     props = SimpleNamespace(
-        name=name, major=capability[0], minor=capability[1], total_memory=int(gib * 2**30)
+        name=name,
+        major=capability[0],
+        minor=capability[1],
+        total_memory=int(gib * 2**30),
+        multi_processor_count=SMS.get(name, 40),
     )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _: props)
@@ -100,9 +114,17 @@ def test_each_card_gets_its_precision_and_batches_that_fit(nb, monkeypatch, name
         # checkpointing only where fewer than 8 rows would fit without it
         plain = nb["peak_gib"](
             nb["model_shape"](qwen_config(), True) if stage == "sft_model" else pretrain_shape(nb),
-            8, 1024 if stage == "sft_model" else 512, stage == "pretrain", False,
+            8, 1024 if stage == "sft_model" else 512, stage == "pretrain", False, plan.optimizer,
         )  # fmt: skip
         assert plan.checkpointing == (plain > 0.9 * gib), (stage, plan, plain)
+        # AdamW wherever its state fits one row with checkpointing; on an 8 GB card, Adafactor
+        lean = stage == "sft_model" and gib < 9
+        assert plan.optimizer == ("adafactor" if lean else "adamw"), (stage, plan)
+        assert CARDS.index((name, capability, gib)) >= DATA_CENTRE or not lean
+        if lean:
+            assert f"AdamW's state would need 8.4 GiB of this card's {gib}" in nb["plan_line"](
+                card, plan
+            )
 
 
 def pretrain_shape(nb):
@@ -120,17 +142,43 @@ def test_the_memory_model_reproduces_the_h200_peaks(nb):
     assert nb["model_shape"](qwen_config(), True).parameters == 494_032_768
 
 
-def test_a_card_too_small_stops_before_the_model_loads(nb, monkeypatch):
-    simulate(monkeypatch, "NVIDIA GeForce RTX 3070", (8, 6), 7.8)
+def test_a_card_too_small_even_for_adafactor_stops_before_the_model_loads(nb, monkeypatch):
+    simulate(monkeypatch, *LAPTOP_6GB)
     card = nb["detect_card"]()
     plan = plans(nb, card)["sft_model"]
-    assert plan.too_small and plan.too_small.startswith(
-        "[sft_model] NVIDIA GeForce RTX 3070 has 7.8 GiB"
-    )
-    assert "494M-parameter model needs about" in plan.too_small
-    with pytest.raises(nb["UserError"], match="use a GPU with at least 9 GiB"):
+    assert plan.optimizer == "adafactor" and plan.too_small.startswith(
+        "[sft_model] NVIDIA GeForce RTX 4050 Laptop GPU has 5.8 GiB; training this 494M-parameter "
+        "model needs about 6.3 GiB (6.1 for its weights, gradients and Adafactor state"
+    ), plan
+    with pytest.raises(nb["UserError"], match="use a GPU with at least 7 GiB"):
         nb["announce"]({"plan": {"too_small": plan.too_small}, "announce": ""})
     assert plans(nb, card)["pretrain"].too_small is None  # pretraining still fits
+    # a laptop GPU's peak depends on its power: estimated from its SMs, never "no time"
+    line = nb["plan_line"](card, plans(nb, card)["pretrain"])
+    assert "of an estimated 17.4 TFLOP/s (its 20 SMs at 1.7 GHz)" in line, line
+
+
+def test_an_optimizer_you_set_wins_and_stops_in_one_line_when_it_cannot_fit(nb, monkeypatch):
+    simulate(monkeypatch, "NVIDIA GeForce RTX 3070", (8, 6), 7.8)
+    card, cfg = nb["detect_card"](), full_profile(nb)
+    cfg["SFT_OPTIMIZER"] = "adamw"
+    plan = nb["plan_sft"](cfg, card, qwen_config(), SFT_STATS)
+    assert plan.optimizer == "adamw" and "needs about 8.4 GiB" in plan.too_small
+    assert "use a GPU with at least 10 GiB" in plan.too_small
+    cfg["OPTIMIZER"] = "adafactor"  # pretraining with Adafactor where AdamW fits: as you set
+    pretrain = nb["plan_pretraining"](cfg, card, nb["llama_config"](cfg, Tokenizer()), CORPUS_STATS)
+    assert pretrain.optimizer == "adafactor" and pretrain.optimizer_reason == ""
+    with pytest.raises(nb["UserError"], match=r"SFT_OPTIMIZER = 'adamw_8bit' \(set by you\): "
+                       r"expected 'auto' or 'adamw' or 'adafactor'"):  # fmt: skip
+        nb["check"]("SFT_OPTIMIZER", "adamw_8bit", "set by you")
+    # the Trainer gets the optimizer the plan chose; the key holds it (see test_runs / the stages)
+    runtime = nb["training_runtime"](card, plan, cfg | {"CACHE_DIR": "/"}, compile=False)
+    assert runtime["optim"] == "adamw_torch_fused"
+    lean = nb["plan_sft"](full_profile(nb), card, qwen_config(), SFT_STATS)
+    assert (
+        nb["training_runtime"](card, lean, cfg | {"CACHE_DIR": "/"}, compile=False)["optim"]
+        == "adafactor"
+    )
 
 
 def test_a_micro_batch_you_set_wins_and_is_flagged_when_too_big(nb, monkeypatch):
@@ -177,18 +225,32 @@ def test_fp16_steps_the_loss_scaler_skipped_are_counted_and_said(nb, tmp_path, c
 def readme_table(nb) -> str:
     rows = ["| card | GiB | precision | pretraining micro-batch × accumulation, peak | SFT micro-batch × "
             "accumulation, peak | expected: pretraining + SFT |", "|---|---|---|---|---|---|"]  # fmt: skip
-    for name, capability, gib in CARDS:
-        card = nb["Card"]("cuda", name, capability, gib)
+    for name, capability, gib in [*CARDS, LAPTOP_6GB]:
+        card = nb["Card"]("cuda", name, capability, gib, SMS.get(name, 40))
         p, s = plans(nb, card).values()
-        checkpointing = ", checkpointing" if s.checkpointing else ""
         hours = (p.expected_seconds + s.expected_seconds) / 3600
-        rows.append(
-            f"| {name} | {gib} | {card.precision} | {p.micro_batch} × {p.accumulation}, "
-            f"{p.predicted_peak_gib} GiB | {s.micro_batch} × {s.accumulation}{checkpointing}, "
-            f"{s.predicted_peak_gib} GiB | {duration(p.expected_seconds)} + "
-            f"{duration(s.expected_seconds)} = {hours:.1f} h |"
+        sft, total = (
+            f"{cell(s)} | {duration(p.expected_seconds)} + {duration(s.expected_seconds)}",
+            f" = {hours:.1f} h",
         )
+        if s.too_small:
+            needs = re.search(r"needs about ([\d.]+ GiB)", s.too_small)[1]
+            sft, total = (
+                f"stops before loading: needs about {needs} | {duration(p.expected_seconds)} + —",
+                "",
+            )
+        rows.append(f"| {name} | {gib} | {card.precision} | {cell(p)} | {sft}{total} |")
     return "\n".join(rows)
+
+
+def cell(plan) -> str:
+    """'4 × 16, Adafactor, checkpointing, 6.7 GiB'"""
+    optimizer = ", Adafactor" if plan.optimizer == "adafactor" else ""
+    checkpointing = ", checkpointing" if plan.checkpointing else ""
+    return (
+        f"{plan.micro_batch} × {plan.accumulation}{optimizer}{checkpointing}, "
+        f"{plan.predicted_peak_gib} GiB"
+    )
 
 
 def duration(seconds: float) -> str:

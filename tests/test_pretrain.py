@@ -7,7 +7,7 @@ import nbformat
 import pytest
 import torch
 import transformers
-from conftest import assert_resumed_like, notebook_result, run_notebook, stage_dir
+from conftest import assert_resumed_like, notebook_result, run_live, run_notebook, stage_dir
 from nbclient.exceptions import DeadKernelError
 from papermill.exceptions import PapermillExecutionError
 
@@ -85,7 +85,7 @@ def steps_per_epoch(cache, stage: str = "pretrain") -> int:
     return next(e["step"] for e in log if "eval_loss" in e and e["epoch"] == 1.0)
 
 
-def test_a_killed_kernel_resumes_pretraining_then_sft_exactly(cold_run, tmp_path):
+def test_a_killed_kernel_resumes_pretraining_then_sft_exactly(live_kernel, cold_run, tmp_path):
     """The kernel killed right after the checkpoint taken after epoch 1's evaluation (mid-epoch:
     test_pause); the re-run resumes pretraining, then is killed in SFT right after its epoch 1
     checkpoint; the third run resumes SFT. Three runs, not four: the pretraining resumed is the one
@@ -121,7 +121,7 @@ def test_a_killed_kernel_resumes_pretraining_then_sft_exactly(cold_run, tmp_path
     partial = next((tmp_path / "cache" / "sft_model").glob("*.partial"))
     assert (partial / "checkpoints" / f"checkpoint-{sft_stop}").is_dir()
 
-    resumed = run_notebook(tmp_path, "sft-resumed", until="sft_model")
+    resumed = run_live(live_kernel, tmp_path, "sft_model")  # any kernel resumes it
     assert "resuming an interrupted build" in resumed["stages"]["sft_model"][1]
     assert f"resuming from checkpoint-{sft_stop}" in resumed["text"]
     assert "missing keys" not in resumed["text"], "tied weights reported as missing"

@@ -7,9 +7,12 @@ import torch
 import transformers
 from conftest import (
     SFT_PAIRS,
+    build_of,
     one_line_error,
     run_live,
     stage_dir,
+    stage_keys,
+    statuses,
     write_sft_parquet,
 )
 
@@ -110,3 +113,22 @@ def test_unreachable_or_missing_model_is_a_clear_error(live_kernel, warm_copy):
     empty.mkdir()
     result = run_live(live_kernel, warm_copy, "sft_data", SFT_BASE_MODEL=str(empty))
     assert f"{empty} has no config.json" in one_line_error(result)
+
+
+def test_sft_trains_with_adafactor_keyed_apart_from_adamw(live_kernel, cold_run, warm_copy):
+    """The leaner optimizer (what "auto" picks where AdamW's state cannot fit the card) runs on the
+    CPU: a few SFT steps, the Trainer's optim, a key of its own; pretraining keeps AdamW's build."""
+    _, cold = cold_run
+    result = run_live(live_kernel, warm_copy, "sft_model", SFT_OPTIMIZER="adafactor")
+    assert result["error"] is None, result["error"]
+    assert statuses(result)["pretrain"] == "cached" and statuses(result)["sft_model"] == "built"
+    assert stage_keys(result)["pretrain"] == stage_keys(cold)["pretrain"]  # auto: AdamW here
+    assert "; Adafactor; micro-batch" in result["text"], "the plan line does not name it"
+    folder = build_of(warm_copy / "cache", "sft_model", result)
+    assert json.loads((folder / "training_args.json").read_text())["optim"] == "adafactor"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["parts"]["config"]["optimizer"] == "adafactor"
+    assert "Adafactor" in manifest["made_on"]
+    losses = [e["eval_loss"] for e in json.loads((folder / "log_history.json").read_text())
+              if "eval_loss" in e]  # fmt: skip
+    assert losses[-1] < 0.5 * losses[0], losses

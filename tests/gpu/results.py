@@ -25,6 +25,28 @@ def figure(value, spec: str = "", missing: str = "n/a") -> str:
     return missing if value is None else format(value, spec)
 
 
+def small_card(out: Path) -> list[str]:
+    """The small-card mode's SFT steps (run.sh --small-card): an RTX 3070's plan on this card capped
+    at 7.8 GiB, the measured peak beside the predicted one."""
+    path = out / "small_card.json"
+    if not path.exists():
+        return []
+    run = json.loads(path.read_text())
+    plan, (predicted, measured) = (
+        run.get("sft plan") or {},
+        run.get("sft predicted_vs_measured", {}).get("peak_memory_gib", [None, None]),
+    )
+    return [
+        "## Small-card mode: SFT with an RTX 3070's plan, memory capped at 7.8 GiB",
+        "",
+        f"- optimizer {plan.get('optimizer')}, micro-batch {run.get('sft micro_batch')} x "
+        f"{run.get('sft gradient_accumulation')}, gradient checkpointing "
+        f"{plan.get('gradient_checkpointing')}; error: {run.get('error')}",
+        f"- peak memory: predicted {predicted} GiB, measured {measured} GiB",
+        "",
+    ]
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     page = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(__file__).with_name("RESULTS.md")
@@ -75,6 +97,7 @@ def main() -> None:
             for name, m in (("pretrain", pre), ("sft_model", sft))
         ],
         "",
+        *small_card(out),
         "## Pretraining: validation per epoch",
         "",
         section(report, "Pretraining"),

@@ -7,7 +7,9 @@
 # Options: --pretrain-steps N|all (default 300; "all" = the full 10 epochs), --sft-steps N (default 40),
 # --levers all|pretrain|sft|NAME,NAME (after the main run, re-run one training stage short with each
 # speed lever flipped; names below, "p-*" pretraining, "s-*" SFT), --lever-steps N (default 60),
-# --total S (no new lever run after S seconds, default 560), --corpus DIR (a folder of *.txt instead
+# --total S (no new lever run after S seconds, default 560), --small-card (then a few SFT steps on
+# this card capped to an RTX 3070's 7.8 GiB, with the plan for an RTX 3070: small_card.json holds
+# the measured peak beside the predicted one), --corpus DIR (a folder of *.txt instead
 # of .gpu/corpus.tar.xz), --out DIR (default $OUT), --budget S (seconds for each notebook run; the
 # summary is written even when it runs out).
 # Writes to the output folder: gpu_check.json (figures), the executed notebook, log.txt, versions.txt,
@@ -16,10 +18,11 @@ set -uo pipefail
 command_line="bash tests/gpu/run.sh $*"
 cd "$(dirname "$0")/../.."
 mode=gpu pretrain_steps=300 sft_steps=40 corpus="" out="${OUT:-artifacts/gpu-check}" budget=500 levers=0
-total=560 lever_steps=""
+total=560 lever_steps="" small_card=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu) mode=cpu ;;
+    --small-card) small_card=1 ;;
     --levers) levers="$2"; shift ;;
     --lever-steps) lever_steps="$2"; shift ;;
     --total) total="$2"; shift ;;
@@ -139,4 +142,36 @@ for name in "${names[@]}"; do
   "$py" tests/gpu/summarize.py "$work/cache" "$work/lever.ipynb" "$?" 0 --brief "$name $variant" \
     | tee -a "$out/levers.jsonl"
 done
+# 7. optional: the small-card mode — SFT's plan for an RTX 3070 (8 GB), run on this card with its
+# memory capped at 7.8 GiB (torch.cuda.set_per_process_memory_fraction); on a CPU the same path runs
+# with the CPU's plan (what the test checks). A few steps; the rest of the notebook is cached.
+if [ "$small_card" = 1 ] && [ "$status" = 0 ]; then
+  step "small card: SFT with an RTX 3070's plan, memory capped at 7.8 GiB"
+  "$py" - "$work/small_card_input.ipynb" <<'PY' || exit 6
+import json, sys
+nb = json.load(open("notebooks/LLM_Pretrain_SFT.ipynb"))
+(cell,) = [c for c in nb["cells"] if "".join(c["source"]).startswith("# The card of this run")]
+source, old = "".join(cell["source"]), "CARD = detect_card()\n"
+assert old in source, "the card cell changed: update tests/gpu/run.sh"
+cell["source"] = source.replace(old, old + """if CARD.device == "cuda":  # the GPU check's small-card mode
+    import dataclasses
+    torch.cuda.set_per_process_memory_fraction(min(1.0, 7.8 / CARD.memory_gib))
+    CARD = dataclasses.replace(CARD, name=f"NVIDIA GeForce RTX 3070 (simulated on {CARD.name})",
+                               capability=(8, 6), memory_gib=7.8, sms=46)
+""")
+stop = next(i for i, c in enumerate(nb["cells"]) if "".join(c["source"]).startswith("# Stage 7: instruction-tune"))
+nb["cells"] = nb["cells"][: stop + 1]  # up to SFT's build: its metrics hold the peaks
+json.dump(nb, open(sys.argv[1], "w"))
+PY
+  small="SFT_MAX_STEPS: 6, SFT_EVAL_ROWS: 16, SFT_MAX_NEW_TOKENS: 8"
+  [ "$mode" = cpu ] && small="SFT_MAX_STEPS: $sft_steps"  # the CPU's plan: the main run's SFT, cached
+  timeout --signal=INT --kill-after=20 "$budget" "$py" -m papermill --no-progress-bar \
+    -k python3 "$work/small_card_input.ipynb" "$out/small_card.ipynb" \
+    -p PROFILE "$profile" -p CORPUS_DIR "$work/data/corpus" -p SFT_DATA_DIR "$work/data/alpaca-cleaned-ru" -p CACHE_DIR "$work/cache" \
+    -p ARTIFACTS_DIR "$work/artifacts" -p SFT_BASE_MODEL "$work/qwen" \
+    -y "{$main, $small}" > "$work/small_card.log" 2>&1
+  "$py" tests/gpu/summarize.py "$work/cache" "$out/small_card.ipynb" "$?" 0 --brief small-card \
+    > "$out/small_card.json"
+  cat "$out/small_card.json"
+fi
 exit "$status"
