@@ -51,6 +51,7 @@ def nb():
         "# Figures: time over all sessions", "# Stage 4: the model config", "# Stage 4: the plan",
         "# Stage 7: the plan", "# Throughput", "# JSON files", "# Settings: what a knob accepts",
         "# Settings: the closest", "# Settings: a name that is not a knob",
+        "# Runs in this cache: where",
     )  # fmt: skip
 
 
