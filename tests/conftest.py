@@ -4,6 +4,7 @@ import asyncio
 import functools
 import inspect
 import json
+import linecache
 import os
 import random
 import re
@@ -620,7 +621,9 @@ def definitions(*titles: str) -> dict:
         assert any(s.startswith(prefix) for s in chosen), f"no code cell titled {prefix!r}"
     namespace = {"__name__": "__main__"}
     for source in chosen:
-        exec(compile(source, source.splitlines()[0], "exec"), namespace)
+        title = source.splitlines()[0]  # its filename: inspect finds the source (stage keys)
+        linecache.cache[title] = (len(source), None, source.splitlines(True), title)
+        exec(compile(source, title, "exec"), namespace)
     return namespace
 
 
@@ -630,7 +633,9 @@ def definitions(*titles: str) -> dict:
 # {"disk_full_at_step": N}: checkpoint N meets a full disk; {"nan_loss_at_step": N}: the training
 # loss is NaN from step N on (pretraining's Trainer.compute_loss); {"disk_free_gib": G}: the disk reports
 # G GiB free; {"kill_after_checkpoint": {STAGE: N}}: the process dies right after that stage's checkpoint N
-# is complete;
+# is complete; {"versions": {LIBRARY: VERSION}}: importlib.metadata reports these releases (after the
+# Set-up cell's check); {"other_tokenizer_bytes": True}: a tokenizer saved with save_pretrained gets
+# one more byte, as a library release that writes other bytes would;
 # {"count_host_syncs": PATH}: the calls that would wait for a GPU (item, tolist, bool), counted
 # per optimizer step (the optimizer's own excepted) and written to PATH as {stage: [counts]};
 # {"no_posix_locks": True}: fcntl.flock fails with ENOSYS, as on a mount without POSIX locks;
@@ -639,7 +644,7 @@ def definitions(*titles: str) -> dict:
 # READY and waits for GO, which stop_button() writes once it has interrupted the kernel. The hooks
 # run in a namespace of their own (test_faults), so a stop's line never names one of them.
 FAULTS = """
-import json, os, shutil, signal, sys, time, safetensors, torch, transformers
+import importlib.metadata, json, os, shutil, signal, sys, time, safetensors, torch, transformers
 for _owner, _name in PATCHED:
     if not hasattr(_owner, "_real_" + _name):
         setattr(_owner, "_real_" + _name, getattr(_owner, _name))
@@ -738,15 +743,25 @@ if _SPEC.get("no_posix_locks"):  # as on a FUSE mount without flock (Google Driv
     fcntl.flock = _no_flock
 if "disk_free_gib" in _SPEC:
     shutil.disk_usage = lambda p: shutil._real_disk_usage(p)._replace(free=int(_SPEC["disk_free_gib"] * 2**30))
+if "versions" in _SPEC:  # a runtime with other releases, as the notebook reads them
+    importlib.metadata.version = lambda name: _SPEC["versions"].get(name) or importlib.metadata._real_version(name)
+if _SPEC.get("other_tokenizer_bytes"):  # a tokenizers release that writes other bytes
+    def _save_pretrained(self, folder, *args, **kwargs):
+        saved = transformers.PreTrainedTokenizerFast._real_save_pretrained(self, folder, *args, **kwargs)
+        with open(os.path.join(folder, "tokenizer_config.json"), "a") as config:
+            config.write("\\n")
+        return saved
+    transformers.PreTrainedTokenizerFast.save_pretrained = _save_pretrained
 """
 PATCHED = (  # what FAULTS patches (and UNDO_FAULTS restores)
     '((transformers.Trainer, "train"), (transformers.Trainer, "_save_checkpoint"), '
     '(transformers.Trainer, "compute_loss"), (transformers.GenerationMixin, "generate"), '
-    '(shutil, "disk_usage"))'
+    '(shutil, "disk_usage"), (importlib.metadata, "version"), '
+    '(transformers.PreTrainedTokenizerFast, "save_pretrained"))'
 )
 FAULTS = FAULTS.replace("in PATCHED:", f"in {PATCHED}:")
 UNDO_FAULTS = f"""
-import fcntl, shutil, transformers
+import fcntl, importlib.metadata, shutil, transformers
 fcntl.flock = getattr(fcntl, "_real_flock", fcntl.flock)
 for _owner, _name in {PATCHED}:
     if hasattr(_owner, "_real_" + _name):

@@ -16,6 +16,7 @@ from conftest import (
     definitions,
     one_line_error,
     run_live,
+    stage_dir,
     stage_keys,
     statuses,
 )
@@ -25,21 +26,31 @@ from conftest import (
 def nb():
     return definitions(
         "# Libraries: the versions",
+        "# Libraries: a version within",
         "# Libraries: a hosted",
         "# Libraries: each one",
         "# Libraries: what to do",
     )
 
 
-def faked(versions: dict, real=importlib.metadata.version):
-    """importlib.metadata.version as a host with these versions answers (None: not installed)."""
+def as_host(monkeypatch, versions: dict, real=importlib.metadata.version) -> None:
+    """importlib.metadata.version answers as a host with these versions (None: not installed)."""
 
     def version_of(name: str) -> str:
         if versions.get(name, real(name)) is None:
             raise importlib.metadata.PackageNotFoundError(name)
         return versions.get(name, real(name))
 
-    return version_of
+    monkeypatch.setattr(importlib.metadata, "version", version_of)
+
+
+SET_UP = "# Libraries: checked before"  # the Set-up cell that checks the libraries
+
+
+def set_up_cell(nb) -> None:
+    """The Set-up cell itself, run in the definitions' namespace."""
+    (check,) = [s for s in code_cells() if s.startswith(SET_UP)]
+    exec(check, nb)
 
 
 def test_the_project_environment_passes_and_a_hosted_one_gets_one_line_with_the_fix(
@@ -48,37 +59,50 @@ def test_the_project_environment_passes_and_a_hosted_one_gets_one_line_with_the_
     assert nb["library_problems"]() == [], "the uv environment itself is out of range"
     assert nb["in_project_environment"]()
     monkeypatch.setitem(nb, "in_project_environment", lambda: False)  # Colab's or Kaggle's Python
-    host = {"trl": None, "torch": "2.9.1+cu126"}  # trl missing; a CUDA torch in range
-    missing = faked(host)
-    message = nb["library_error"](nb["library_problems"](missing), missing)
+    colab = {"trl": None, "torch": "2.9.1+cu126"}  # trl missing; a CUDA torch in range
+    as_host(monkeypatch, colab)
+    with pytest.raises(nb["UserError"]) as stopped:
+        set_up_cell(nb)  # the Set-up cell itself stops, in one line
+    message = str(stopped.value)
     assert message.startswith("Libraries this notebook needs: trl missing (needs >=1.0,<2). Run ")
     assert "`%pip install -q trl==1.16.0 torch==2.9.1+cu126`" in message, "torch is not kept"
     assert "Runtime → Restart session" in message and "\n" not in message
-    old = faked(host | {"trl": "1.16.0", "transformers": "4.57.3"})
-    message = nb["library_error"](nb["library_problems"](old), old)
+    as_host(monkeypatch, colab | {"trl": "1.16.0", "transformers": "4.57.3"})
+    message = nb["library_error"](nb["library_problems"]())
     assert "transformers 4.57.3 (needs >=5.0,<6)" in message
     assert "`%pip install -q transformers==5.24.0 torch==2.9.1+cu126`" in message
-    older = faked({"torch": "2.8.0+cu126"})  # below the floor: the lock's torch, then
-    assert "`%pip install -q torch==2.10.0`" in nb["library_error"](nb["library_problems"](older))
+    as_host(monkeypatch, {"torch": "2.8.0+cu126"})  # below the floor: the lock's torch, then
+    assert "`%pip install -q torch==2.10.0`" in nb["library_error"](nb["library_problems"]())
+
+
+def test_a_plain_python_without_torch_or_anything_gets_the_one_line(nb, monkeypatch):
+    """A plain Python with papermill and ipykernel only: no torch, no library at all."""
+    monkeypatch.setitem(nb, "in_project_environment", lambda: False)
+    as_host(monkeypatch, dict.fromkeys(nb["LIBRARIES"]))
+    with pytest.raises(nb["UserError"]) as stopped:
+        set_up_cell(nb)
+    pins = " ".join(f"{name}=={pinned}" for name, (_, pinned) in nb["LIBRARIES"].items())
+    assert str(stopped.value).startswith("Libraries this notebook needs: torch missing (needs ")
+    assert f"`%pip install -q {pins}`" in str(stopped.value)
 
 
 def test_a_hosts_newer_torch_is_kept_with_one_line_and_left_out_of_the_pip_line(
     nb, monkeypatch, capsys
 ):
-    newer = faked({"torch": "2.13.0+cu130", "trl": None})
     monkeypatch.setitem(nb, "in_project_environment", lambda: False)  # Colab's or Kaggle's Python
-    assert nb["library_problems"](newer) == [("trl", None, ">=1.0,<2")], "torch 2.13 not kept"
-    message = nb["library_error"](nb["library_problems"](newer), newer)
+    as_host(monkeypatch, {"torch": "2.13.0+cu130", "trl": None})
+    assert nb["library_problems"]() == [("trl", None, ">=1.0,<2")], "torch 2.13 not kept"
+    message = nb["library_error"](nb["library_problems"]())
     assert "`%pip install -q trl==1.16.0`" in message, message  # torch left out: kept as it is
-    monkeypatch.setattr(importlib.metadata, "version", faked({"torch": "2.13.0+cu130"}))
-    (check,) = [s for s in code_cells() if s.startswith("# Libraries: checked before")]
-    exec(check, nb)  # the Set-up cell itself: passes, with one line
+    as_host(monkeypatch, {"torch": "2.13.0+cu130"})
+    set_up_cell(nb)  # the Set-up cell itself: passes, with one line
     assert capsys.readouterr().out == (
         "torch 2.13.0+cu130 is newer than this notebook was tested with (2.10–2.11); keeping it\n"
     )
     # the project's own environment keeps uv.lock's torch: `uv sync`
     monkeypatch.setitem(nb, "in_project_environment", lambda: True)
-    assert [name for name, *_ in nb["library_problems"](newer)] == ["torch", "trl"]
+    as_host(monkeypatch, {"torch": "2.13.0+cu130", "trl": None})
+    assert [name for name, *_ in nb["library_problems"]()] == ["torch", "trl"]
 
 
 def test_the_versions_are_pyproject_ranges_and_the_lock_pins(nb):
@@ -174,3 +198,45 @@ def test_installing_asks_for_a_restart_only_when_a_changed_library_was_imported(
     monkeypatch.setitem(sys.modules, "trl", SimpleNamespace())
     with pytest.raises(nb["UserError"], match="had already imported trl: restart it"):
         nb["install_libraries"](problems)
+
+
+def test_a_cache_made_with_another_torch_loads_saying_so_and_a_new_major_rebuilds(
+    live_kernel, warm_copy
+):
+    """The runtime moved on since the cache was made (releases faked where the notebook reads
+    them, after its Set-up check): every stage loads, its line naming both releases; FORCE
+    rebuilds one with the new release; a build recorded with a release below the floor, or a
+    new major of a keyed library, is built again, saying why."""
+    cache = warm_copy / "cache"
+    made = json.loads((stage_dir(cache, "pretrain") / "manifest.json").read_text())["libs"]
+    newer = {"versions": {"torch": "2.13.0+cu130"}}
+    moved = run_live(live_kernel, warm_copy, "sft_model", faults=newer)
+    assert moved["error"] is None and set(statuses(moved).values()) == {"cached"}, moved["error"]
+    for stage in ("pretrain", "base_answers", "sft_model"):
+        assert f"with torch {made['torch']} (you have 2.13.0)" in moved["stages"][stage][1], stage
+    assert "torch" not in moved["stages"]["dataset"][1]
+    # FORCE rebuilds a stage with the releases of this runtime, which it records
+    newer = {"versions": {"tokenizers": "0.24.0"}}
+    forced = run_live(live_kernel, warm_copy, "tokenizer", FORCE=["tokenizer"], faults=newer)
+    assert statuses(forced)["tokenizer"] == "built", forced["error"]
+    made = json.loads((stage_dir(cache, "tokenizer") / "manifest.json").read_text())["libs"]
+    assert made["tokenizers"] == "0.24.0"
+
+    # recorded below the floor (its files may not load): built again, in one line why
+    manifest = stage_dir(cache, "tokenizer") / "manifest.json"
+    record = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps(record | {"libs": record["libs"] | {"tokenizers": "0.19.1"}}))
+    old = run_live(live_kernel, warm_copy, "tokenizer")
+    assert old["stages"]["tokenizer"][1].endswith(
+        "because: it was made with tokenizers 0.19.1, older than this notebook runs with: built again"
+    ), old["stages"]
+    # a new major of a keyed library: built again, naming it
+    major = run_live(
+        live_kernel, warm_copy, "tokenizer", faults={"versions": {"transformers": "6.0.0"}}
+    )
+    assert "because: library transformers: '5' -> '6'" in major["stages"]["tokenizer"][1]
+    # a data stage keys no release: one that writes other bytes rebuilds what is built on it
+    other = run_live(live_kernel, warm_copy, "dataset", FORCE=["tokenizer"],
+                     faults={"other_tokenizer_bytes": True})  # fmt: skip
+    assert statuses(other) == {"clean_corpus": "cached", "tokenizer": "built", "dataset": "built"}
+    assert "upstream output of tokenizer changed" in other["stages"]["dataset"][1]

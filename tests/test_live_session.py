@@ -94,6 +94,19 @@ def test_a_knob_edited_or_an_upstream_knob_changed_stops_the_cells_re_run(live_k
     back = live_kernel.run_cells([knobs_cell(warm_copy), cell(THIS_RUN), cell("pretrain")])
     assert back["error"] is None and statuses(back) == {"pretrain": "cached"}, back["error"]
 
+    # a knob the plan turns into a key part ("auto" chose AdamW): the result cell checks the part
+    optimizer = [knobs_cell(warm_copy, OPTIMIZER="adafactor"), cell(THIS_RUN)]
+    shown = live_kernel.run_cells([*optimizer, cell("# Stage 4: export the model")])
+    assert one_line_error(shown) == (
+        "the pretrain stage in this kernel was made with optimizer 'adamw', but the settings now "
+        "say OPTIMIZER = 'adafactor', which gives 'adafactor': run the notebook from stage 4 "
+        "(cached stages load in seconds)"
+    )
+    # ... while one that gives the same part (AdamW set by hand) is the same build: shown
+    same = [knobs_cell(warm_copy, OPTIMIZER="adamw"), cell(THIS_RUN)]
+    shown = live_kernel.run_cells([*same, cell("# Stage 4: export the model")])
+    assert shown["error"] is None, shown["error"]
+
 
 def test_a_typo_is_caught_in_any_kernel_and_a_deleted_knob_line_goes_back_to_its_default(
     live_kernel, tmp_path

@@ -30,9 +30,9 @@ def cell(stage: str) -> str:
 
 
 def checkpoints(cache, stage) -> dict:
-    """checkpoint step -> complete? (the files a resume needs are all there)."""
+    """checkpoint step -> complete? (the files a resume needs are all there, and marked so)."""
     partial = next((cache / stage).glob("*.partial"))
-    need = ("trainer_state.json", "optimizer.pt")
+    need = ("trainer_state.json", "optimizer.pt", "complete.json")
     return {
         int(p.name.split("-")[1]): all((p / f).exists() for f in need)
         for p in (partial / "checkpoints").glob("checkpoint-*")
@@ -64,27 +64,28 @@ def test_pretraining_pauses_on_the_stop_button_and_sigterm_and_the_cell_resumes_
     assert "resuming from checkpoint-2" in paused["text"]
     assert one_line_error(paused).startswith("[pretrain] paused by SIGTERM at step 13")
 
-    # a second signal while that checkpoint is written aborts at once; the previous one stays valid
-    aborted = run_live(live_kernel, warm_copy, "pretrain", SAVE_MINUTES=0,
+    # a second signal while that checkpoint is written aborts at once; the previous one stays
+    # valid (this session, checkpoints every 10 minutes again, saved none before it)
+    aborted = run_live(live_kernel, warm_copy, "pretrain",
                        faults={"signal_at_step": ["SIGINT", 17], "second_signal_in_save": True})  # fmt: skip
     assert re.fullmatch(
         r"\[pretrain\] stopped at once by a second signal in \w+: nothing is published; "
-        r"checkpoint-16 \(step 16 of \d+\) is kept in \S+\.partial: run this cell again \(or "
+        r"checkpoint-13 \(step 13 of \d+\) is kept in \S+\.partial: run this cell again \(or "
         r"the notebook\) to resume there",
         one_line_error(aborted),
     ), aborted["error"]
     saved = checkpoints(warm_copy / "cache", "pretrain")
-    assert saved[16] and not saved.get(17), saved  # 17 never became a complete checkpoint
+    assert saved[13] and not saved.get(17), saved  # 17 never became a complete checkpoint
 
     resumed = run_live(live_kernel, warm_copy, "pretrain")
     assert resumed["error"] is None, resumed["error"]
-    assert "resuming from checkpoint-16" in resumed["text"]
-    assert_resumed_like(warm_copy / "cache", workdir / "cache", "pretrain", 2, 13, 16)
+    assert "resuming from checkpoint-13" in resumed["text"]
+    assert_resumed_like(warm_copy / "cache", workdir / "cache", "pretrain", 2, 13)
     ours, theirs = (stage_dir(c, "pretrain") for c in (warm_copy / "cache", workdir / "cache"))
     generations = [json.loads((f / "generations.json").read_text()) for f in (ours, theirs)]
     assert generations[0] == generations[1]
-    # sessions with a checkpoint count (each session here saved one)
-    assert len(json.loads((ours / "sessions.json").read_text())) == 4
+    # the sessions that saved a checkpoint count: not the aborted one, which saved none
+    assert len(json.loads((ours / "sessions.json").read_text())) == 3
 
 
 def test_the_stop_button_in_the_answers_and_sigterm_in_sft_then_the_cells_go_on(

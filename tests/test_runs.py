@@ -7,6 +7,8 @@ import re
 
 from conftest import (
     ALL_CELLS,
+    STAGE_CELLS,
+    LiveKernel,
     code_cells,
     one_line_error,
     run_live,
@@ -20,6 +22,20 @@ SHOW = (
     "print('UNUSED=' + json.dumps([[b.stage, b.key, b.state] for b in unused_builds(False)]))\n"
     "print('PARTIAL=' + json.dumps([[b.stage, b.key, b.state] for b in unused_builds(True)]))"
 )
+
+
+HASHED = (  # what the tables, the report and the dry run hash once the run has loaded every stage
+    "import json\n_hashed, _digest = [], digest_file\n"
+    "digest_file = lambda path: _hashed.append(str(path)) or _digest(path)\n"
+    "show_runs('pretrain', ARTIFACTS / 'runs.png'); runs_markdown(); reclaim_disk()\n"
+    "digest_file = _digest\nprint('HASHED=' + json.dumps(_hashed))"
+)
+PID = "import os; print(f'PID={os.getpid()}')"
+
+
+def cell(title: str) -> str:
+    (source,) = [s for s in code_cells() if s.startswith(title)]
+    return source
 
 
 def printed(result, name: str):
@@ -63,18 +79,43 @@ def test_three_pretraining_builds_compared_then_the_unused_ones_deleted(
     assert sorted(s for *_, s in printed(run, "PARTIAL")) == ["complete", "interrupted"]
     assert "1 build this run does not use" in run["text"]
     assert len(list(cache.glob("*/manifest.json"))) == 2, "the dry run deleted something"
+    # the run hashed each build once: the tables, the report and the dry run again hash nothing
+    assert printed(live_kernel.run_cells([HASHED]), "HASHED") == []
 
-    # a build whose file was changed: listed as damaged, never read; the rest still shown
+    # a second kernel uses the WEIGHT_DECAY 0.0 build: deleting skips it and names that kernel
+    second = LiveKernel()
+    try:
+        held = run_live(second, warm_copy, "pretrain", WEIGHT_DECAY=0.0, after=[PID])
+        assert held["error"] is None and statuses(held)["pretrain"] == "cached", held["error"]
+        freed = live_kernel.run_cells(["reclaim_disk(delete=True, partial=True)"])
+        pid = printed(held, "PID")
+        assert f"kept pretrain {other_key}, in use by pid {pid} on this machine" in freed["text"]
+        assert sorted(p.name[:12] for p in cache.iterdir() if p.is_dir()) == sorted(
+            [ours, other_key]
+        )
+        # ... and that kernel goes on with it, to the same results it had
+        sources = list(code_cells())
+        start = sources.index(cell(STAGE_CELLS["pretrain"])) + 1
+        end = sources.index(cell("# Stage 4: export the model")) + 1
+        exported = second.run_cells(sources[start:end])  # the cells after stage 4's, to its export
+        (metrics,) = cache.glob(f"{other_key}*/metrics.json")
+        best = json.loads(metrics.read_text())["best"]["eval_loss"]
+        assert exported["error"] is None and f"**{best:.3f}**" in exported["text"], exported
+    finally:
+        second.close()
+
+    # a build whose file was changed: listed as damaged (what its manifest records, which file
+    # failed), its files never read; the rest still shown
     (metrics,) = cache.glob(f"{other_key}*/metrics.json")
     metrics.write_text(metrics.read_text().replace("0", "1", 1))
-    (table,) = [s for s in code_cells() if s.startswith("# Runs in this cache: every pretraining")]
-    shown = live_kernel.run_cells([table, SHOW])
+    shown = live_kernel.run_cells([cell("# Runs in this cache: every pretraining"), SHOW])
     rows = {row["key"]: row for row in printed(shown, "RUNS")}
     assert rows[other_key]["best"] == "damaged: output file metrics.json changed since it was built"
-    assert len(rows) == 3 and rows[ours]["run"] == "▶ this run"
+    assert rows[other_key]["differs from this run in"] == "WEIGHT_DECAY 0.0 (this run 0.01)"
+    assert len(rows) == 2 and rows[ours]["run"] == "▶ this run"
 
-    # deleting frees them both, and a warm re-run still loads every stage
-    freed = live_kernel.run_cells(["reclaim_disk(delete=True, partial=True)"])
+    # the other kernel has ended: deleting frees it, and a warm re-run still loads every stage
+    freed = live_kernel.run_cells(["reclaim_disk(delete=True)"])
     assert re.search(r"freed [\d.]+ [KMG]iB; the cache now holds", freed["text"]), freed
     left = [p.name for p in cache.iterdir() if p.is_dir()]
     assert len(left) == 1 and left[0].startswith(ours) and "." not in left[0], left

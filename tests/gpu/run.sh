@@ -143,8 +143,8 @@ for name in "${names[@]}"; do
     | tee -a "$out/levers.jsonl"
 done
 # 7. optional: the small-card mode — SFT's plan for an RTX 3070 (8 GB), run on this card with its
-# memory capped at 7.8 GiB (torch.cuda.set_per_process_memory_fraction); on a CPU the same path runs
-# with the CPU's plan (what the test checks). A few steps; the rest of the notebook is cached.
+# memory capped at 7.8 GiB (torch.cuda.set_per_process_memory_fraction); it needs a card (a CPU has
+# no memory to cap). A few steps; the rest of the notebook is cached.
 if [ "$small_card" = 1 ] && [ "$status" = 0 ]; then
   step "small card: SFT with an RTX 3070's plan, memory capped at 7.8 GiB"
   "$py" - "$work/small_card_input.ipynb" "$mode" <<'PY' || exit 6
