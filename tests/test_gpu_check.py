@@ -30,9 +30,7 @@ def test_gpu_check_script_runs_end_to_end_on_cpu(tmp_path):
     assert pretrain["plan"]["precision"] == "fp32" and pretrain["plan"]["attention"] == "sdpa"
     assert [e["step"] for e in pretrain["eval_losses"]] == [0, 6]
     predicted, measured = pretrain["predicted_vs_measured"]["seconds"]
-    assert predicted is None and measured > 0, (
-        "a CPU has no predicted time; the measured one is there"
-    )
+    assert predicted is not None and measured > 0, "a CPU's plan predicts its time too"
     assert pretrain["eval_losses"][-1]["eval_loss"] < pretrain["eval_losses"][0]["eval_loss"]
 
     sft = summary["sft_model"]

@@ -117,3 +117,22 @@ def test_a_killed_kernel_resumes_pretraining_exactly(live_kernel, cold_run, tmp_
     )
     sessions = json.loads((ours / "sessions.json").read_text())
     assert len(sessions) == 2 and all(s["wall_seconds"] > 0 for s in sessions), sessions
+
+
+def test_a_cpu_plan_predicts_the_smoke_runs_peak_memory_and_time(cold_run):
+    """On a CPU each training stage's plan predicts the process's peak memory (what it holds as
+    it plans, plus the memory model) and its time (this CPU's matmul rate, measured as it plans):
+    the cold run's within 25% and a factor of two of what it measured (ru_maxrss, the clock)."""
+    workdir, _ = cold_run
+    for stage, export in (("pretrain", "pretrain"), ("sft_model", "sft")):
+        facts = json.loads((workdir / "artifacts" / export / "metrics.json").read_text())
+        predicted = facts["predicted"]
+        peak = predicted["predicted_peak_gib"] / facts["peak_memory_gib"]
+        seconds = predicted["expected_seconds"] / (facts["train_seconds"] + facts["eval_seconds"])
+        assert 0.75 <= peak <= 1.25, (stage, predicted, facts["peak_memory_gib"])
+        assert 0.5 <= seconds <= 2, (
+            stage,
+            predicted,
+            facts["train_seconds"],
+            facts["eval_seconds"],
+        )
