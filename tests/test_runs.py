@@ -114,11 +114,25 @@ def test_three_pretraining_builds_compared_then_the_unused_ones_deleted(
     assert rows[other_key]["differs from this run in"] == "WEIGHT_DECAY 0.0 (this run 0.01)"
     assert len(rows) == 2 and rows[ours]["run"] == "▶ this run"
 
-    # the other kernel has ended: deleting frees it, and a warm re-run still loads every stage
-    freed = live_kernel.run_cells(["reclaim_disk(delete=True)"])
+    # a kernel on another machine used it too (an earlier Colab session on this Drive folder):
+    # kept and named, with the way out; once you say those have ended, deleted with its record
+    (build,) = [p for p in cache.iterdir() if p.is_dir() and p.name.startswith(other_key)]
+    elsewhere = build.with_name(f"{build.name}.in-use.ended-colab-session.4242")
+    elsewhere.touch()
+    kept = live_kernel.run_cells(["reclaim_disk(delete=True)"])
+    assert (
+        f"kept pretrain {other_key}, in use by pid 4242 on ended-colab-session (whether it still "
+        "runs cannot be checked from here); if no notebook runs on those other machines any more "
+        "(an ended Colab or Kaggle session), reclaim_disk(delete=True, other_machines_ended=True)"
+    ) in kept["text"], kept
+    assert (build / "metrics.json").is_file() and elsewhere.exists()
+
+    # the other kernels have ended: deleting frees it, and a warm re-run still loads every stage
+    freed = live_kernel.run_cells(["reclaim_disk(delete=True, other_machines_ended=True)"])
     assert re.search(r"freed [\d.]+ [KMG]iB; the cache now holds", freed["text"]), freed
     left = [p.name for p in cache.iterdir() if p.is_dir()]
     assert len(left) == 1 and left[0].startswith(ours) and "." not in left[0], left
+    assert not elsewhere.exists(), "the record of a kernel that has ended stays behind"
     again = run_live(live_kernel, warm_copy, "sft_model")  # up to the last stage
     assert again["error"] is None and set(statuses(again).values()) == {"cached"}
     assert stage_keys(again) == stage_keys(cold)
