@@ -1,6 +1,7 @@
 """The SFT stages on a tiny local Qwen2 (no Hub): data mapping, loss mask, stop token, training."""
 
 import json
+import shutil
 
 import datasets
 import torch
@@ -132,3 +133,16 @@ def test_sft_trains_with_adafactor_keyed_apart_from_adamw(live_kernel, cold_run,
     losses = [e["eval_loss"] for e in json.loads((folder / "log_history.json").read_text())
               if "eval_loss" in e]  # fmt: skip
     assert losses[-1] < 0.5 * losses[0], losses
+
+    # left at "auto" where the cache holds only that Adafactor build of this recipe (as one trained
+    # where AdamW cannot fit): it loads, saying so, rather than train AdamW; its results show
+    shutil.rmtree(build_of(warm_copy / "cache", "sft_model", cold))  # the AdamW build
+    auto = run_live(live_kernel, warm_copy, "# Stage 7: what SFT reached")  # (up to that cell)
+    assert auto["error"] is None, auto["error"]
+    assert statuses(auto)["sft_model"] == "cached", auto["stages"]
+    assert stage_keys(auto)["sft_model"] == stage_keys(result)["sft_model"]
+    assert (
+        "made with optimizer 'adafactor': SFT_OPTIMIZER = 'auto' loads it rather than train the "
+        "plan's 'adamw' (set SFT_OPTIMIZER = 'adamw' to train that)"
+    ) in auto["text"]
+    assert "eval loss" in auto["text"], "the results cell did not show the build it loaded"
