@@ -5,6 +5,7 @@ killed with SIGKILL at each step that changes the disk from the end of training 
 file deleted, a folder removed), or gets a second stop there; the re-run then loads the build,
 publishes it, or resumes from an intact checkpoint: never from scratch, never a traceback."""
 
+import itertools
 import os
 import re
 import shutil
@@ -161,19 +162,23 @@ def stopped_twice_at_step(nb, cache: Path, stage: str, at: int) -> None:
     run(nb, cache, stage)
 
 
+def every_step(fault, nb, tmp_path: Path, stage: str, capfd):
+    """(step, its cache, the child's exit status, what it printed) for `fault` at step 1, 2, …"""
+    for step in itertools.count(1):
+        cache = tmp_path / f"{fault.__name__}-{step}"
+        status = in_child(fault, nb, cache, stage, step)
+        yield step, cache, status, capfd.readouterr().out
+
+
 @pytest.mark.parametrize("stage", ["pretrain", "sft_model"])
 def test_a_kill_at_any_step_of_finishing_and_publishing_never_loses_the_training(
     nb, tmp_path, stage, capfd
 ):
-    steps, ways = 0, set()
-    while True:
-        steps += 1
-        cache = tmp_path / f"kill-{steps}"
-        status = in_child(killed_at_step, nb, cache, stage, steps)
-        out = capfd.readouterr().out
+    ways = set()
+    for steps, cache, status, out in every_step(killed_at_step, nb, tmp_path, stage, capfd):
         if status == 0:  # more steps than there are: every one was tried
             break
-        assert status == -signal.SIGKILL, out
+        assert status == -signal.SIGKILL, (steps, out)
         ways |= set(re.findall(r"KILLED before os\.(\w+)", out))
         went_on = assert_whole_and_go_on(nb, cache, stage, capfd)
         assert "training from step" not in went_on or "training from step 4" in went_on, went_on
@@ -186,14 +191,10 @@ def test_a_second_stop_at_any_step_of_publishing_says_what_was_kept_and_it_is_so
 ):
     """The stop button once while the finished build is published (it waits), then again at a
     step of publishing: one line, true to what the cache holds, and the cell run again goes on."""
-    steps, said = 0, set()
-    while True:
-        steps += 1
-        cache = tmp_path / f"stop-{steps}"
-        status = in_child(stopped_twice_at_step, nb, cache, stage, steps)
-        out = capfd.readouterr().out
+    said = set()
+    for steps, cache, status, out in every_step(stopped_twice_at_step, nb, tmp_path, stage, capfd):
         (line,) = re.findall(r"^CHILD: (\w+): (.*)$", out, re.M) or [(None, None)]
-        assert status == 1 and line[0] == "Stopped", out
+        assert status == 1 and line[0] == "Stopped", (steps, out)
         message = line[1]
         said.add(
             re.sub(r"\S+\.partial|checkpoint-\d+ \(step \d+ of \d+\)|\w+ in \w+", "…", message)
