@@ -602,7 +602,12 @@ def statuses(result) -> dict:
     return {stage: status.split(" ")[0] for stage, (status, _) in result["stages"].items()}
 
 
-BASE_DEFINITIONS = ("# Imports", "# User errors", "# Stage cache: digests of files")
+BASE_DEFINITIONS = (
+    "# Imports",
+    "# User errors",
+    "# Stage cache: digests of files",
+    "# Durable files",
+)
 
 
 @functools.cache

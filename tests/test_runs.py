@@ -4,6 +4,7 @@ back: a dry run by default, never this run's stages nor an interrupted build unl
 
 import json
 import re
+import socket
 
 from conftest import (
     ALL_CELLS,
@@ -103,6 +104,7 @@ def test_three_pretraining_builds_compared_then_the_unused_ones_deleted(
         assert exported["error"] is None and f"**{best:.3f}**" in exported["text"], exported
     finally:
         second.close()
+    assert not list(cache.glob(f"*.in-use.*.{pid}")), "an ended kernel's records stay behind"
 
     # a build whose file was changed: listed as damaged (what its manifest records, which file
     # failed), its files never read; the rest still shown
@@ -133,6 +135,14 @@ def test_three_pretraining_builds_compared_then_the_unused_ones_deleted(
     left = [p.name for p in cache.iterdir() if p.is_dir()]
     assert len(left) == 1 and left[0].startswith(ours) and "." not in left[0], left
     assert not elsewhere.exists(), "the record of a kernel that has ended stays behind"
-    again = run_live(live_kernel, warm_copy, "sft_model")  # up to the last stage
+    again = run_live(live_kernel, warm_copy, "sft_model", after=[PID])  # up to the last stage
     assert again["error"] is None and set(statuses(again).values()) == {"cached"}
     assert stage_keys(again) == stage_keys(cold)
+
+    # a record of a build no longer in the cache (deleted by hand) holds nothing: listed, deleted
+    orphan = cache / f"{'0' * 32}.in-use.{socket.gethostname()}.{printed(again, 'PID')}"
+    orphan.touch()
+    listed = live_kernel.run_cells(["reclaim_disk()"])
+    assert "1 in-use record(s) of builds no longer in the cache" in listed["text"], listed
+    deleted = live_kernel.run_cells(["reclaim_disk(delete=True)"])
+    assert "deleted 1 in-use record(s)" in deleted["text"] and not orphan.exists(), deleted

@@ -1,13 +1,18 @@
 """The stop button at a moment no test picked: in one JupyterLab-like kernel, on a cold cache, every
-code cell that ran longer than 0.3 s in the cold run is stopped at a seeded random instant of its
-duration. Each stop that lands ends the cell with one line, and what that line says works (run the
-cell again; or restart the kernel and Run All): the run then ends with the cold run's evaluation
-losses, generations and answers, and no library module was imported for the first time after the
-imports cells (a stop there could cut it in half)."""
+code cell that ran longer than 0.3 s in the cold run is stopped at a seeded random instant of the
+first half of its duration (a stop as a cell ends: the last test). Each stop that lands ends the
+cell with one line, and what that line says works (run the cell again; or restart the kernel and
+Run All): the run then ends with the cold run's evaluation losses, generations and answers, and no
+library module was imported for the first time after the imports cells (a stop there could cut it
+in half)."""
 
+import asyncio
+import inspect
 import json
 import random
 import shutil
+import threading
+import time
 
 from conftest import (
     LiveKernel,
@@ -92,7 +97,9 @@ def test_a_stop_at_a_random_instant_of_every_cell_says_what_works_and_it_works(c
     try:
         for index, source in enumerate(cells):
             seconds = durations.get(source, 0.0)
-            stop_after = rng.uniform(0, seconds) if seconds > LONGER_THAN else None
+            # within the first half of its cold-run time, so the stop lands while it runs (a cell
+            # under load here may run faster than its cold run did; its end: the test below)
+            stop_after = rng.uniform(0, seconds / 2) if seconds > LONGER_THAN else None
             result = kernel.run_cells([f"_STOP['after'] = {stop_after}", source])
             title = source.splitlines()[0]
             if result["error"] is None:
@@ -127,3 +134,51 @@ def test_a_stop_at_a_random_instant_of_every_cell_says_what_works_and_it_works(c
                         ("sft_model", "answers.json")):  # fmt: skip
         made = [json.loads((stage_dir(c, stage) / name).read_text()) for c in (ours, theirs)]
         assert made[0] == made[1], stage
+
+
+LATE_STOPS, LATE_SEED = 40, 43
+
+
+def test_a_stop_as_a_cell_ends_is_said_and_the_cell_gets_its_reply(tmp_path):
+    """The stop button pressed around the end of a cell's code (after it, or in its last moments),
+    at seeded random instants: the cell always gets its reply (never busy until a restart) and
+    says at most one line; the kernel runs the next cell."""
+    kernel = LiveKernel()
+    kernel.client.timeout = 30  # a cell that got no reply would wait forever
+    hooks = [s for s in code_cells() if s.startswith(("# Imports: the standard", "# User errors"))]
+    rng, said = random.Random(LATE_SEED), []
+    try:
+        assert kernel.run_cells(hooks)["error"] is None
+        for i in range(LATE_STOPS):
+            ready = tmp_path / f"ready-{i}"
+            press = stop_button_after(kernel, ready, rng.uniform(0, 0.004))
+            cell = f"_ = sum(range(20_000))\nopen({str(ready)!r}, 'w').close()"
+            result = kernel.run_cells([cell])  # a cell without a reply: CellTimeoutError
+            press.join()
+            if result["error"]:
+                said.append(one_line_error(result))
+            elif result["text"].strip():
+                said.append(result["text"].strip())
+            assert kernel.run_cells(["print('next')"])["text"].strip() == "next"
+    finally:
+        kernel.close()
+    late = [s for s in said if s.startswith("[stopped] as this cell finished")]
+    assert late, f"no stop of {LATE_STOPS} landed after a cell's code: {said}"
+    assert all("\n" not in s for s in said), said
+
+
+def stop_button_after(kernel, ready, delay: float):
+    """A thread that presses the stop button (the kernel manager's interrupt) `delay` seconds after
+    the cell creates `ready` (the random instant samples the cell's end; it orders nothing)."""
+
+    def press():
+        while not ready.exists():
+            time.sleep(0.0005)
+        time.sleep(delay)
+        pressed = kernel.client.km.interrupt_kernel()
+        if inspect.isawaitable(pressed):
+            asyncio.run(pressed)
+
+    thread = threading.Thread(target=press, daemon=True)
+    thread.start()
+    return thread
