@@ -1,5 +1,6 @@
 """Shared helpers: a fixture corpus the tests write themselves, and a papermill runner."""
 
+import ast
 import asyncio
 import functools
 import inspect
@@ -617,11 +618,36 @@ def code_cells() -> tuple[str, ...]:
     )
 
 
+def assigned(node) -> list[str]:
+    """The names a statement assigns (`A = 1`, `A, B = 1, 2`, `A: int = 1`)."""
+    targets = getattr(node, "targets", [getattr(node, "target", None)])
+    return [n.id for t in targets if t for n in ast.walk(t) if isinstance(n, ast.Name)]
+
+
+def definition_only(source: str) -> bool:
+    """Cells that only define (functions, classes, constants, imports): safe to run alone."""
+    allowed = (ast.FunctionDef, ast.ClassDef, ast.Import, ast.ImportFrom)
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.With) and "get_ipython" in ast.unparse(node):
+            continue  # the one-line errors' hook (a plain Python run keeps its tracebacks)
+        names = assigned(node)
+        constant = isinstance(node, ast.Assign | ast.AnnAssign) and names and all(n.isupper() for n in names)  # fmt: skip
+        if not (isinstance(node, allowed) or constant):
+            return False
+    return True
+
+
 def definitions(*titles: str) -> dict:
-    """A namespace where the imports and the code cells whose titles start with one of `titles`
-    ran, in notebook order: pure rules tested in seconds, without the notebook around them."""
+    """A namespace where the imports and the definition cells (definition_only) whose titles start
+    with one of `titles` ran, in notebook order: pure rules tested in seconds, without the notebook
+    around them. A title prefix takes a whole section ("# Stage 1"): its build-or-load and display
+    cells are left out, so a new helper cell is never missed."""
     prefixes = (*BASE_DEFINITIONS, *titles)
-    chosen = [s for s in code_cells() if s.startswith(prefixes)]
+    chosen = [
+        s
+        for s in code_cells()
+        if s.startswith(prefixes) and (s.startswith("# Imports") or definition_only(s))
+    ]
     for prefix in prefixes:
         assert any(s.startswith(prefix) for s in chosen), f"no code cell titled {prefix!r}"
     namespace = {"__name__": "__main__"}
@@ -803,6 +829,19 @@ def stop_button(kernel, folder: Path) -> dict:
 
     threading.Thread(target=press, daemon=True).start()
     return paths
+
+
+@pytest.fixture(autouse=True)
+def fast_tests_run_no_notebook(request, monkeypatch):
+    """A test marked fast works on definition cells alone: one that runs the notebook or starts a
+    kernel fails at once, so `pytest -m fast` stays the tier to run after each edit."""
+    if request.node.get_closest_marker("fast"):
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("a fast test ran the notebook or a kernel: unmark it")
+
+        monkeypatch.setattr(papermill, "execute_notebook", refuse)
+        monkeypatch.setattr(LiveKernel, "__init__", refuse)
 
 
 def pytest_collection_modifyitems(items):

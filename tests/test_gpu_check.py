@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -29,8 +30,18 @@ def test_gpu_check_script_runs_end_to_end_on_cpu(tmp_path):
     assert pretrain["tokens_per_second"] > 0 and pretrain["step_seconds_median"] > 0
     assert pretrain["plan"]["precision"] == "fp32" and pretrain["plan"]["attention"] == "sdpa"
     assert [e["step"] for e in pretrain["eval_losses"]] == [0, 6]
-    predicted, measured = pretrain["predicted_vs_measured"]["seconds"]
-    assert predicted is not None and measured > 0, "a CPU's plan predicts its time too"
+    # the predictions are the plan's own, as its line said them before the model loaded
+    executed = json.loads((out / "LLM_Pretrain_SFT.executed.ipynb").read_text())
+    printed = "".join(
+        "".join(o.get("text", "")) for c in executed["cells"] for o in c.get("outputs", [])
+    )
+    plan = re.search(
+        r"^\[pretrain\] CPU.*predicted peak ([\d.]+) GiB.*expected ([\d.]+) min", printed, re.M
+    )
+    assert plan, "no pretraining plan line"
+    (peak, _), (seconds, measured) = pretrain["predicted_vs_measured"].values()
+    assert peak == float(plan[1]) and f"{seconds / 60:.1f}" == plan[2], (peak, seconds, plan[0])
+    assert measured > 0
     assert pretrain["eval_losses"][-1]["eval_loss"] < pretrain["eval_losses"][0]["eval_loss"]
 
     sft = summary["sft_model"]
@@ -39,7 +50,6 @@ def test_gpu_check_script_runs_end_to_end_on_cpu(tmp_path):
     )
     assert sft["tokens_per_second"] > 0 and 0 <= sft["padding_share"] < 0.5
     assert sft["sampling"] == "group_by_length" and len(sft["eval_losses"]) == 2
-    executed = json.loads((out / "LLM_Pretrain_SFT.executed.ipynb").read_text())
     assert any(c.get("outputs") for c in executed["cells"]), "the executed notebook has no outputs"
 
     # the results page a GPU run becomes (tests/gpu/results.py), from this run's output

@@ -6,6 +6,7 @@ stop with one line. The stage keys are the recipe, not the card: a cache loads u
 import json
 import re
 
+import pytest
 from conftest import (
     ALL_CELLS,
     RESET,
@@ -13,6 +14,7 @@ from conftest import (
     STAGE_CELLS,
     apply_edits,
     code_cells,
+    insert_statement,
     one_line_error,
     replace,
     shown_settings,
@@ -143,8 +145,7 @@ def test_the_keys_are_the_recipe_not_the_card(live_kernel, cold_run, warm_copy):
     simulated = [
         replace("CARD = detect_card()", f"CARD = Card{CARDS['T4']!r}"),
         # the exported model is checked where the GPU would be: here, the CPU
-        replace(".from_pretrained(ARTIFACTS / \"pretrain\").to(CARD.device)",
-                ".from_pretrained(ARTIFACTS / \"pretrain\")"),
+        replace('_check = {"device": CARD.device,', '_check = {"device": "cpu",'),
     ]  # fmt: skip
     sources = apply_edits(list(cells_until(ALL_CELLS, knobs_cell(warm_copy))), simulated)
     on_t4 = live_kernel.run_cells([RESET, *sources])
@@ -166,3 +167,62 @@ def test_the_keys_are_the_recipe_not_the_card(live_kernel, cold_run, warm_copy):
     assert manifest["made_on"].startswith("trained on CPU") and "precision" not in json.dumps(
         manifest["parts"]["config"]
     )
+
+
+# What you set wins; a bad value or a build reading outside its key stops, in a kernel
+def settings(live_kernel, parameters: dict, edits=()) -> dict:
+    result = live_kernel.run(parameters, until=THIS_RUN, edits=edits, after=[SHOW_SETTINGS])
+    return shown_settings(result)
+
+
+def set_in_parameters_cell(assignments: dict) -> list:
+    """Edits of the parameters cell as a user makes them: `EPOCHS = None` becomes `EPOCHS = 1`."""
+    return [
+        replace(f"\n{name} = None", f"\n{name} = {value!r}") for name, value in assignments.items()
+    ]
+
+
+def test_what_you_set_wins_over_the_profile_both_ways(live_kernel):
+    # papermill -p (the injected cell) and an edit of the parameters cell both win over the profile
+    cfg = settings(live_kernel, {"PROFILE": "smoke", "EPOCHS": 1, "LEARNING_RATE": 0.01})
+    assert cfg["EPOCHS"] == [1, "set by you"] and cfg["LEARNING_RATE"] == [0.01, "set by you"]
+    edits = set_in_parameters_cell({"PROFILE": "cpu", "EPOCHS": 5, "SFT_MAX_STEPS": 4})
+    cfg = settings(live_kernel, {}, edits=edits)
+    assert cfg["PROFILE"][0] == "cpu" and cfg["EPOCHS"] == [5, "set by you"]
+    assert cfg["SFT_MAX_STEPS"] == [4, "set by you"] and cfg["SFT_MICRO_BATCH"][0] == 2
+    # papermill's value lands after the parameters cell: it wins over an edit of that cell
+    cfg = settings(live_kernel, {"EPOCHS": 1}, edits)
+    assert cfg["EPOCHS"] == [1, "set by you"] and cfg["PROFILE"][0] == "cpu"
+
+
+def test_a_bad_value_stops_the_notebook_before_any_stage_runs(live_kernel, tmp_path):
+    cache = tmp_path / "cache"
+    result = live_kernel.run(
+        {"PROFILE": "smoke", "CACHE_DIR": str(cache), "EPOCHS": 0}, until=THIS_RUN
+    )
+    error = result["error"]
+    assert error and error["ename"] == "UserError" and len(error["traceback"]) == 1, error
+    assert error["evalue"].startswith("EPOCHS = 0 (set by you): expected an integer >= 1")
+    assert not cache.exists(), "something was built before the settings were checked"
+
+
+@pytest.mark.parametrize(
+    ("function", "statement", "expected"),
+    [  # a build reading a knob its run_stage call does not key, through settings or a global
+        ("build_tokenizer", '_ = cfg["EPOCHS"]', "stage 'tokenizer' read 'EPOCHS', which its "
+         "run_stage call neither keys (config=) nor passes as a runtime setting (runtime=)"),
+        ("training_texts", "_ = VOCAB_SIZE", "training_texts reads the global 'VOCAB_SIZE', data "
+         "of this run: pass it to the build through run_stage(config=/runtime=)"),
+        ("training_texts", "_ = CFG", "training_texts reads the global 'CFG'"),
+    ],
+)  # fmt: skip
+def test_a_build_reading_a_setting_outside_its_key_is_caught(
+    live_kernel, cold_run, tmp_path, function, statement, expected
+):
+    workdir, _ = cold_run
+    parameters = {"PROFILE": "smoke", "CORPUS_DIR": str(workdir / "data" / "corpus"),
+                  "CACHE_DIR": str(tmp_path / "cache"), "ARTIFACTS_DIR": str(tmp_path / "art")}  # fmt: skip
+    result = live_kernel.run(parameters, until="# Stage 2: train the tokenizer",
+                             edits=[insert_statement(function, statement)])  # fmt: skip
+    assert result["error"] and expected in result["error"]["evalue"], result["error"]
+    assert not list((tmp_path / "cache" / "tokenizer").glob("*/manifest.json"))

@@ -18,6 +18,8 @@ from types import SimpleNamespace
 import pytest
 from conftest import definitions
 
+pytestmark = pytest.mark.fast  # definition cells only: `uv run pytest -m fast`
+
 MINIATURE_TRAINING = '''
 def build_miniature(out, settings):
     """Steps 1-4 as the Trainer saves them (its own files, never synced; each then marked complete
@@ -62,6 +64,7 @@ def nb():
         "# Stage cache",
         "# Signals",
         "# JSON files",
+        "# Checks",
         "# Training: a checkpoint is complete",
         "# Training: where a re-run resumes",
     )
@@ -447,3 +450,20 @@ def test_json_and_weights_a_crash_damaged_are_named_and_the_training_goes_on(nb,
     assert in_child(lambda: run(nb, cache, "pretrain")) == 0
     out = capfd.readouterr().out
     assert "because: its manifest.json is unreadable (empty or cut short" in out, out
+
+
+def test_a_check_runs_once_while_what_it_checked_is_unchanged(nb, tmp_path):
+    """The exported-model check on a warm re-run: its verdict is said again, nothing generated."""
+    runs, record = [], tmp_path / "check.json"
+
+    def check():
+        runs.append(1)
+        return "the export generates the same text"
+
+    said = [nb["checked_once"](record, {"model": [("m", 1, 2)]}, check) for _ in range(2)]
+    assert runs == [1] and said[0] == "the export generates the same text", said
+    assert re.fullmatch(
+        r"the export generates the same text \(checked [\d-]+ [\d:]+; unchanged since\)", said[1]
+    )
+    nb["checked_once"](record, {"model": [("m", 1, 3)]}, check)  # the file changed: checked again
+    assert runs == [1, 1]

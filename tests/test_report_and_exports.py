@@ -4,9 +4,11 @@ ChatML base model checked before anything long runs."""
 import json
 import shutil
 
+import nbformat
 import torch
 import transformers
 from conftest import build_of, one_line_error, run_live
+from test_layout import folded_code
 
 SECTIONS = ["## Stages", "## Corpus and dataset", "## Pretraining", "## SFT", "## Questions"]
 
@@ -101,3 +103,12 @@ def test_an_untrainable_template_stops_in_sft_data(live_kernel, warm_copy, tiny_
     assert "cannot be trained assistant-only" in one_line_error(result)
     # stopped in sft_data: no base answers, no training, nothing half-built left behind
     assert {p for p in (warm_copy / "cache").glob("*/*") if p.is_dir()} == builds
+
+
+def test_no_folded_cell_printed_anything_in_the_cold_run(cold_run):
+    """A folded cell's output or error would be hidden from the reader (test_layout: they only
+    define)."""
+    workdir, _ = cold_run
+    executed = folded_code(nbformat.read(workdir / "cold.ipynb", as_version=4).cells)
+    assert len(executed) > 100, len(executed)
+    assert [c.source.splitlines()[0] for c in executed if c.outputs] == []

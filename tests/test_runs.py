@@ -137,6 +137,9 @@ def test_three_pretraining_builds_compared_then_the_unused_ones_deleted(
     assert not elsewhere.exists(), "the record of a kernel that has ended stays behind"
     again = run_live(live_kernel, warm_copy, "sft_model", after=[PID])  # up to the last stage
     assert again["error"] is None and set(statuses(again).values()) == {"cached"}
+    # ... and once more: the exported model's check, its export unchanged, generates nothing
+    checked = run_live(live_kernel, warm_copy, "# Stage 4: the exported model reproduces")
+    assert "; unchanged since)" in checked["text"], "the exported model was checked again"
     assert stage_keys(again) == stage_keys(cold)
 
     # a record of a build no longer in the cache (deleted by hand) holds nothing: listed, deleted
