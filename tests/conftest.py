@@ -214,9 +214,10 @@ def write_sft_parquet(folder: Path, rows: list[dict] | None = None) -> Path:
     return folder
 
 
-def build_tiny_qwen(folder: Path) -> Path:
+def build_tiny_qwen(folder: Path, vocab: int | None = None, hidden: int = 64) -> Path:
     """A 2-layer random Qwen2 with a small byte-level BPE that has Qwen2.5's special tokens and its
-    exact chat template (the one TRL ships), eos = pad = <|endoftext|> as in the base model."""
+    exact chat template (the one TRL ships), eos = pad = <|endoftext|> as in the base model
+    (`vocab`: the model's embedding rows, if more than the tokenizer's)."""
     import torch
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -243,8 +244,8 @@ def build_tiny_qwen(folder: Path) -> Path:
     fast.chat_template = qwen2_5_chat_template
     fast.save_pretrained(folder)
     config = transformers.Qwen2Config(
-        vocab_size=len(fast),
-        hidden_size=64,
+        vocab_size=vocab or len(fast),
+        hidden_size=hidden,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,

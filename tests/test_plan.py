@@ -277,6 +277,7 @@ def test_the_readme_shows_the_plan_of_each_card(nb):
 # measured on this project's 2-core machine at the SFT's shapes, per core)
 CPU_GFLOPS_PER_CORE = 75.0
 CPU_HELD = {"pretrain": 0.9, "sft_model": 3.1}  # GiB a cpu-profile kernel holds as each plans
+CPU_FRESH = 0.9  # GiB a fresh kernel holds after its imports
 CPU_MACHINES = [  # (README's name, cores, GiB available when the stages start)
     ("a 2-core laptop with 8 GB", 2, 5.0),
     ("an 8-core laptop with 16 GB", 8, 11.0),
@@ -293,7 +294,8 @@ def cpu_profile(nb) -> dict:
 def cpu_plans(nb, monkeypatch, cores: int, available: float, cfg=None) -> dict:
     monkeypatch.setitem(nb, "cpu_matmul_flops", lambda *shape: CPU_GFLOPS_PER_CORE * cores * 1e9)
     card = {stage: nb["Card"]("cpu", f"CPU ({cores} cores)", memory_gib=held + available,
-                              held_gib=held) for stage, held in CPU_HELD.items()}  # fmt: skip
+                              held_gib=held, available_gib=available, fresh_gib=CPU_FRESH)
+            for stage, held in CPU_HELD.items()}  # fmt: skip
     cfg = cfg or cpu_profile(nb)
     model = nb["llama_config"](cfg, Tokenizer())
     return {"card": card["sft_model"],
@@ -307,9 +309,10 @@ def test_a_cpu_is_planned_like_a_card_within_what_it_has_available(nb, monkeypat
     sft, budget = plans["sft_model"], min(11, CPU_HELD["sft_model"] + available)  # cpu: 11 GiB
     if available == 4:  # even Adafactor, one row, checkpointing does not fit: one line, first
         assert sft.too_small.startswith(
-            "[sft_model] training this 494M-parameter model needs about 9."
-        ) and sft.too_small.endswith("GiB available: close other programs, or use a machine "
-                                     "with more memory or a GPU"), sft.too_small  # fmt: skip
+            "[sft_model] training this 494M-parameter model needs about "
+        ) and f"this machine has {available:.1f} GiB available beside the kernel's" in sft.too_small \
+            and sft.too_small.endswith("close other programs, or use a machine with more memory, "
+                                       "or use a GPU"), sft.too_small  # fmt: skip
         with pytest.raises(nb["UserError"], match="close other programs"):
             nb["announce"]({"plan": {"too_small": sft.too_small}, "announce": ""})
         return
@@ -323,6 +326,39 @@ def test_a_cpu_is_planned_like_a_card_within_what_it_has_available(nb, monkeypat
     everything = cpu_profile(nb) | {"CPU_MEMORY_GIB": "auto"}
     sft = cpu_plans(nb, monkeypatch, 2, available, everything)["sft_model"]
     assert sft.optimizer == ("adamw" if available >= 16 else "adafactor"), sft
+
+
+def sft_on_a_cpu(nb, monkeypatch, held: float, available: float, cap) -> str | None:
+    """The SFT plan's too_small line: the cpu profile, CPU_MEMORY_GIB = cap, a kernel holding
+    `held` GiB (a fresh one CPU_FRESH) beside `available`."""
+    monkeypatch.setitem(nb, "cpu_matmul_flops", lambda *shape: 150e9)
+    card = nb["Card"]("cpu", "CPU (2 cores)", memory_gib=held + available, held_gib=held,
+                      available_gib=available, fresh_gib=CPU_FRESH)  # fmt: skip
+    cfg = cpu_profile(nb) | {"CPU_MEMORY_GIB": cap}
+    return nb["plan_sft"](cfg, card, qwen_config(), SFT_STATS).too_small
+
+
+def test_a_cpu_short_of_memory_names_the_limit_that_binds_and_the_change_that_fits(nb, monkeypatch):
+    # CPU_MEMORY_GIB binds, the OS has more: the line names the cap, and the cap it names fits
+    line = sft_on_a_cpu(nb, monkeypatch, held=1.2, available=20.0, cap=6)
+    fix = re.search(r"; CPU_MEMORY_GIB = 6 lets it take 6 GiB, and it fits within (\d+) GiB \(its "
+                    r"peak within 90%\): set CPU_MEMORY_GIB = (\d+) \(this machine has 21.2 GiB "
+                    r"for it now\), or use a GPU$", line)  # fmt: skip
+    assert fix and fix[1] == fix[2], line
+    assert sft_on_a_cpu(nb, monkeypatch, 1.2, 20.0, int(fix[2])) is None
+    assert sft_on_a_cpu(nb, monkeypatch, 1.2, 20.0, int(fix[2]) - 1) is not None
+    # issue #44's case: the cap binds, and the kernel holds what a restart frees: both fixes named
+    line = sft_on_a_cpu(nb, monkeypatch, held=4.6, available=16.0, cap=11)
+    assert line.endswith(f": restart the kernel, then Run All (a fresh kernel holds {CPU_FRESH} "
+                         "GiB), or set CPU_MEMORY_GIB = 13 (this machine has 20.6 GiB for it now), "
+                         "or use a GPU") and "CPU_MEMORY_GIB = 11 lets it take 11 GiB" in line, line  # fmt: skip
+    assert sft_on_a_cpu(nb, monkeypatch, CPU_FRESH, 16.0 + 4.6 - CPU_FRESH, 11) is None  # restarted
+    assert sft_on_a_cpu(nb, monkeypatch, 4.6, 16.0, 13) is None
+    # the OS binds and neither would help: a machine with more memory, or a GPU
+    line = sft_on_a_cpu(nb, monkeypatch, held=CPU_FRESH + 0.2, available=3.0, cap=11)
+    assert line.endswith(f"this machine has 3.0 GiB available beside the kernel's "
+                         f"{CPU_FRESH + 0.2:.1f}, and it fits within 9 GiB (its peak within 90%): "
+                         "close other programs, or use a machine with more memory, or use a GPU"), line  # fmt: skip
 
 
 def cpu_table(nb, monkeypatch) -> str:

@@ -1,12 +1,21 @@
 """The pretraining stage: end to end, resume after a killed kernel, and exported artifacts."""
 
 import json
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 import transformers
-from conftest import assert_resumed_like, run_live, run_notebook, stage_dir
+from conftest import (
+    assert_resumed_like,
+    build_tiny_qwen,
+    replace,
+    run_live,
+    run_notebook,
+    stage_dir,
+)
 from nbclient.exceptions import DeadKernelError
 from papermill.exceptions import PapermillExecutionError
 
@@ -136,3 +145,48 @@ def test_a_cpu_plan_predicts_the_smoke_runs_peak_memory_and_time(cold_run):
             facts["train_seconds"],
             facts["eval_seconds"],
         )
+
+
+# Issue #44: a CPU's memory model, on models whose training needs far more than the rounding and
+# the interpreter: pretraining dominated by its activations (AdamW, 32 rows of 512 tokens, no
+# checkpointing), SFT by Adafactor's temporaries (a 2-layer Qwen2 with Qwen2.5's 151,936-row tied
+# embedding, the largest parameter). What a stage measures is its peak RSS from the training's
+# start (VmHWM, reset there), less what the kernel held as it planned.
+WIDE_QWEN = {"vocab": 151_936, "hidden": 256}
+MEMORY_RUN = {
+    "MODEL_HIDDEN": 256, "MODEL_INTERMEDIATE": 688, "MODEL_LAYERS": 4, "MODEL_HEADS": 4,
+    "MODEL_KV_HEADS": 2, "CONTEXT_LENGTH": 512, "EFFECTIVE_BATCH": 32, "MICRO_BATCH": 32,
+    "OPTIMIZER": "adamw", "EPOCHS": 1, "MAX_STEPS": 1, "VAL_BLOCKS": 4, "GEN_MAX_NEW_TOKENS": 2,
+    "SFT_OPTIMIZER": "adafactor", "SFT_MAX_STEPS": 1, "SFT_EPOCHS": 1, "SFT_EVAL_ROWS": 8,
+    "SFT_MAX_NEW_TOKENS": 2,
+}  # fmt: skip
+
+
+# what the kernel held as each training planned, said by the stage's cell (test hook: an edit)
+SAY_HELD = [
+    replace(f"{plan} = {plan}_for(CFG, {card})", f"{plan} = {plan}_for(CFG, {card}); "
+            f"print('held as {stage} planned:', {plan}.held_gib)")
+    for plan, card, stage in (("pretrain_plan", "pretrain_card", "pretrain"),
+                              ("sft_plan", "sft_card", "sft_model"))
+]  # fmt: skip
+
+
+def training_memory(result: dict, cache: Path, stage: str) -> tuple[float, float]:
+    """(predicted, measured) GiB of a training alone: its peak less what the kernel held."""
+    facts = json.loads((stage_dir(cache, stage) / "metrics.json").read_text())
+    held = float(re.search(rf"held as {stage} planned: ([\d.]+)", result["text"])[1])
+    return facts["predicted"]["predicted_peak_gib"] - held, facts["peak_memory_gib"] - held
+
+
+def test_a_cpu_plan_predicts_a_training_that_needs_gibibytes(cold_run, tmp_path):
+    workdir, _ = cold_run
+    shutil.copytree(workdir / "data", tmp_path / "data")
+    base = build_tiny_qwen(tmp_path / "wide-qwen", **WIDE_QWEN)
+    result = run_notebook(tmp_path, "memory", until="sft_model", edits=SAY_HELD,
+                          SFT_BASE_MODEL=str(base), **MEMORY_RUN)  # fmt: skip
+    for stage in ("pretrain", "sft_model"):
+        predicted, measured = training_memory(result, tmp_path / "cache", stage)
+        # (SFT measured 0.93-1.23 of its prediction over five runs: its peak moves by a tensor the
+        # size of the embedding; halving the activation or the optimizer term gives 1.6-1.9)
+        ratio = measured / predicted
+        assert predicted > 0.5 and 0.75 <= ratio <= 1.3, (stage, predicted, measured)
