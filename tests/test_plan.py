@@ -291,11 +291,15 @@ def cpu_profile(nb) -> dict:
     return knobs | {"DEV": nb["DEV_DEFAULTS"]}
 
 
+def cpu_card(nb, cores: int, held: float, available: float):
+    """A CPU whose kernel holds `held` GiB (a fresh one CPU_FRESH) beside `available`."""
+    return nb["Card"]("cpu", f"CPU ({cores} cores)", memory_gib=held + available, held_gib=held,
+                      available_gib=available, fresh_gib=CPU_FRESH)  # fmt: skip
+
+
 def cpu_plans(nb, monkeypatch, cores: int, available: float, cfg=None) -> dict:
     monkeypatch.setitem(nb, "cpu_matmul_flops", lambda *shape: CPU_GFLOPS_PER_CORE * cores * 1e9)
-    card = {stage: nb["Card"]("cpu", f"CPU ({cores} cores)", memory_gib=held + available,
-                              held_gib=held, available_gib=available, fresh_gib=CPU_FRESH)
-            for stage, held in CPU_HELD.items()}  # fmt: skip
+    card = {stage: cpu_card(nb, cores, held, available) for stage, held in CPU_HELD.items()}
     cfg = cfg or cpu_profile(nb)
     model = nb["llama_config"](cfg, Tokenizer())
     return {"card": card["sft_model"],
@@ -332,9 +336,8 @@ def sft_on_a_cpu(nb, monkeypatch, held: float, available: float, cap) -> str | N
     """The SFT plan's too_small line: the cpu profile, CPU_MEMORY_GIB = cap, a kernel holding
     `held` GiB (a fresh one CPU_FRESH) beside `available`."""
     monkeypatch.setitem(nb, "cpu_matmul_flops", lambda *shape: 150e9)
-    card = nb["Card"]("cpu", "CPU (2 cores)", memory_gib=held + available, held_gib=held,
-                      available_gib=available, fresh_gib=CPU_FRESH)  # fmt: skip
     cfg = cpu_profile(nb) | {"CPU_MEMORY_GIB": cap}
+    card = cpu_card(nb, 2, held, available)
     return nb["plan_sft"](cfg, card, qwen_config(), SFT_STATS).too_small
 
 
